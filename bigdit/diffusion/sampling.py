@@ -1,0 +1,269 @@
+"""Model-agnostic samplers for epsilon-predicting diffusion networks.
+
+Every sampler takes a ``model_fn(x, t_model) -> model_out`` closure, where ``t_model`` is a LongTensor
+of shape ``[N]`` holding *training* timesteps (for a respaced schedule the samplers translate through
+``Schedule.timestep_map``). Classifier-free guidance is just another closure, see
+:func:`guided_model_fn`.
+
+All randomness (initial noise and per-step noise) is drawn from the given ``torch.Generator`` on that
+generator's device (CPU unless the caller passes another) and then moved to the sampling device, so a
+seed reproduces the same samples on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from bigdit.diffusion.gaussian import (
+    Schedule,
+    _extract,
+    p_mean_variance,
+    predict_eps_from_x0,
+    respace,
+    space_timesteps,
+)
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+GUIDANCE_MODES = ("dit", "all")
+
+
+def guided_model_fn(
+    model: Callable[..., torch.Tensor],
+    y: torch.Tensor,
+    cfg_scale: float,
+    null_label: int,
+    guidance: str = "dit",
+    in_channels: int | None = None,
+    **model_kwargs: Any,
+) -> ModelFn:
+    """Wrap a class-conditional ``model(x, t, y, **model_kwargs)`` into a classifier-free-guided ``model_fn``.
+
+    The returned closure runs the conditional and unconditional (label ``null_label``) passes as one
+    doubled batch and returns ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` for the guided channels:
+
+    - ``guidance="dit"``: exactly DiT's ``forward_with_cfg``. DiT splits its output as
+      ``eps, rest = out[:, :3], out[:, 3:]`` and guides only ``eps``, so only channels 0-2 are guided;
+      everything from channel 3 on (the 4th latent eps channel and, with learned sigma, all variance
+      channels) comes from the *conditional* half, which is the half DiT keeps (it feeds both halves the
+      same ``x`` and returns the first). DiT's reference FIDs were produced this way. When ``in_channels``
+      is given and below 3 only the ``in_channels`` eps channels are guided: DiT (4-channel latents only)
+      never met that case, and guiding a variance channel would push ``v`` outside [-1, 1].
+    - ``guidance="all"``: the standard formulation; all ``in_channels`` eps channels are guided and the
+      remaining (variance) channels come from the conditional half. Requires ``in_channels``.
+
+    With ``cfg_scale == 1`` guidance is the identity, so the closure makes a single plain conditional call.
+    """
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE_MODES)}")
+    if guidance == "all":
+        if in_channels is None:
+            raise ValueError('guidance="all" needs in_channels')
+        n_guided = in_channels
+    else:
+        n_guided = 3 if in_channels is None else min(3, in_channels)
+
+    if cfg_scale == 1.0:
+
+        def conditional_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t, y, **model_kwargs)
+
+        return conditional_fn
+
+    y_both = torch.cat([y, torch.full_like(y, null_label)])
+
+    def cfg_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y_both, **model_kwargs)
+        cond, uncond = out.chunk(2, dim=0)
+        guided = uncond[:, :n_guided] + cfg_scale * (cond[:, :n_guided] - uncond[:, :n_guided])
+        return torch.cat([guided, cond[:, n_guided:]], dim=1)
+
+    return cfg_fn
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
+
+
+def _initial_noise(
+    shape: Sequence[int],
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """``x_T``: the given ``noise`` (moved to ``device`` if one is given) or fresh noise from ``generator``."""
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
+        return noise.to(device) if device is not None else noise
+    return _randn(shape, generator, torch.device(device if device is not None else "cpu"))
+
+
+def _progress(steps: Iterable[int], progress: bool) -> Iterable[int]:
+    """``steps``, wrapped in a tqdm bar when ``progress``."""
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(list(steps))
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model_fn: ModelFn,
+    s: Schedule,
+    shape: Sequence[int],
+    learn_sigma: bool,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling ``x_{T-1} -> ... -> x_0`` over ``s`` (possibly respaced), as ADM's ``p_sample_loop``.
+
+    At step ``i`` the network sees ``s.timestep_map[i]``; ``x = mean + sigma * z`` except at ``i == 0``
+    where the mean is returned. ``noise`` is ``x_T`` (drawn from ``generator`` if omitted); ``device``
+    defaults to ``noise``'s device, else CPU.
+    """
+    x = _initial_noise(shape, noise, generator, device)
+    tmap = torch.tensor(s.timestep_map, device=x.device)
+    for i in _progress(range(s.num_timesteps - 1, -1, -1), progress):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
+        if i > 0:
+            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * _randn(x.shape, generator, x.device)
+        else:
+            x = out["mean"]
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(
+    model_fn: ModelFn,
+    s: Schedule,
+    shape: Sequence[int],
+    learn_sigma: bool,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling over ``s`` (normally respaced), as ADM's ``ddim_sample_loop``.
+
+    ``x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
+    ``sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)``; ``eta = 0`` is
+    deterministic given ``x_T``, ``eta = 1`` matches DDPM's posterior variance. ``eps`` is recomputed
+    from the (possibly clipped) ``x0_pred`` so the update stays consistent with it. A learned variance,
+    if any, is ignored.
+    """
+    x = _initial_noise(shape, noise, generator, device)
+    tmap = torch.tensor(s.timestep_map, device=x.device)
+    for i in _progress(range(s.num_timesteps - 1, -1, -1), progress):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
+        x0 = out["pred_x0"]
+        eps = predict_eps_from_x0(s, x, t, x0)
+        abar = _extract(s.alphas_cumprod, t, x)
+        abar_prev = _extract(s.alphas_cumprod_prev, t, x)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        x = torch.sqrt(abar_prev) * x0 + torch.sqrt(1 - abar_prev - sigma**2) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * _randn(x.shape, generator, x.device)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    model_fn: ModelFn,
+    betas: np.ndarray,
+    shape: Sequence[int],
+    steps: int = 50,
+    order: int = 2,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Multistep DPM-Solver++ (data prediction) in ``steps`` network calls, via diffusers.
+
+    ``betas`` must be the full training betas: they are handed to diffusers as ``trained_betas`` so its
+    noise schedule is exactly the training one, and the network is fed diffusers' (training-scale)
+    timesteps. When the output has ``2C`` channels only the eps half is used. Deterministic given ``x_T``.
+    """
+    # Imported here: diffusers is heavy and only this sampler needs it.
+    from diffusers import DPMSolverMultistepScheduler
+
+    betas = np.asarray(betas, dtype=np.float64)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=len(betas),
+        trained_betas=betas,
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        prediction_type="epsilon",
+    )
+    x = _initial_noise(shape, noise, generator, device)
+    scheduler.set_timesteps(steps, device=x.device)
+    x = x * scheduler.init_noise_sigma
+    c = x.shape[1]
+    for t in _progress(scheduler.timesteps, progress):
+        t_model = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        out = model_fn(x, t_model)
+        if out.shape[1] == 2 * c:
+            out = out[:, :c]
+        elif out.shape[1] != c:
+            raise ValueError(f"model output has {out.shape[1]} channels, expected {c} or {2 * c}")
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def sample(
+    model_fn: ModelFn,
+    *,
+    sampler: str,
+    steps: int,
+    train_schedule: Schedule | np.ndarray,
+    shape: Sequence[int],
+    learn_sigma: bool,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw samples with one of ``"ddpm"``, ``"ddim"`` or ``"dpm++"`` in ``steps`` network calls.
+
+    ``train_schedule`` is the schedule the network was trained on (or its betas). DDPM respaces it with
+    ADM's even spacing ``str(steps)`` and DDIM with ``"ddim{steps}"`` (a fixed stride, as DiT/ADM do; it
+    raises ValueError when no integer stride gives exactly ``steps`` steps). ``eta`` is DDIM's;
+    ``clip_denoised`` applies to DDPM/DDIM only.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    s = train_schedule if isinstance(train_schedule, Schedule) else Schedule.from_betas(train_schedule)
+    if sampler == "dpm++":
+        if not np.array_equal(s.timestep_map, np.arange(s.num_timesteps)):
+            raise ValueError("dpm++ needs the unspaced training schedule (identity timestep_map)")
+        return dpm_solver_sample(
+            model_fn, s.betas, shape, steps=steps, generator=generator, noise=noise, device=device, progress=progress
+        )
+    if sampler == "ddpm":
+        spaced = respace(s, space_timesteps(s.num_timesteps, str(steps)))
+        return ddpm_sample(
+            model_fn, spaced, shape, learn_sigma, generator=generator, noise=noise,
+            clip_denoised=clip_denoised, device=device, progress=progress,
+        )
+    spaced = respace(s, space_timesteps(s.num_timesteps, f"ddim{steps}"))
+    return ddim_sample(
+        model_fn, spaced, shape, learn_sigma, eta=eta, generator=generator, noise=noise,
+        clip_denoised=clip_denoised, device=device, progress=progress,
+    )

@@ -1,0 +1,64 @@
+"""Data parallelism with torch DDP (one process per device; a single process is the world-size-1 case)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bigdit.engine.base import OptimizerFactory, Strategy
+
+STATE_FILE = "state.pt"
+
+
+class DDPStrategy(Strategy):
+    """Full replicas on every rank, gradients averaged by DDP's bucketed all-reduce.
+
+    Replicas are identical, so rank 0 alone writes the checkpoint and every rank reads it back, which
+    also makes resuming with a different number of ranks trivial.
+    """
+
+    def __init__(self, info, device, find_unused_parameters: bool = False, bucket_cap_mb: int = 25):
+        super().__init__(info, device)
+        self.find_unused_parameters = find_unused_parameters
+        self.bucket_cap_mb = bucket_cap_mb
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self.module = model.to(self.device)
+        if self.info.world_size > 1:
+            self.model = DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters,
+                bucket_cap_mb=self.bucket_cap_mb,
+            )
+        else:
+            self.model = self.module
+        self.optimizer = make_optimizer([p for p in self.module.parameters() if p.requires_grad])
+
+    def no_sync(self, enabled: bool):
+        if enabled and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # clip_grad_norm_ with an infinite bound only measures; it stays on device (no host sync).
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf, foreach=True)
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        if self.is_main:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), **extra}
+            torch.save(state, directory / STATE_FILE)
+        self.barrier()
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state.pop("model"), strict=True)
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        return state

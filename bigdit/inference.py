@@ -1,0 +1,98 @@
+"""Loading trained models back and drawing class-conditional samples (used by tools/sample.py and the demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bigdit.checkpoint import latest_checkpoint, step_tag
+from bigdit.diffusion import Schedule, guided_model_fn, sample
+from bigdit.models import build_model, extract_state_dict
+
+
+def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema") -> tuple[torch.nn.Module, DictConfig]:
+    """The model of a training run (EMA weights by default) and the run's resolved config."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a bigdit run directory (run.dir of bigdit-train)?")
+    cfg = OmegaConf.load(cfg_path)
+    root = run_dir / "checkpoints"
+    ckpt_dir = latest_checkpoint(root) if step is None else root / step_tag(step)
+    if ckpt_dir is None or not ckpt_dir.is_dir():
+        have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+        raise FileNotFoundError(f"no checkpoint {'latest' if step is None else step_tag(step)} in {root}; available: {have}")
+    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    model = build_model(**cfg.model)
+    model.load_state_dict(extract_state_dict(state, prefer=weights), strict=True)
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    labels: torch.Tensor,
+    *,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 4.0,
+    guidance: str = "dit",
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Samples (N, C, H, W) in model space for ``labels``, in batches, reproducible under ``seed``.
+
+    Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample does not change
+    when other batches are added.
+    """
+    from bigdit.data import stream_seed
+
+    model = model.to(device).eval()
+    shape = (model.in_channels, model.input_size, model.input_size)
+    outs = []
+    for i, y in enumerate(labels.split(batch_size)):
+        y = y.to(device)
+        fn = guided_model_fn(model, y, cfg_scale, model.num_classes, guidance, in_channels=model.in_channels)
+        g = torch.Generator().manual_seed(stream_seed(seed, i))
+        outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
+                           learn_sigma=model.learn_sigma, generator=g, eta=eta, device=device,
+                           progress=progress).cpu())
+    return torch.cat(outs)
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """Model-space images in [-1, 1] (N, C, H, W) -> uint8 NHWC, as ADM's evaluation ``.npz`` stores them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: np.ndarray, rows: int, path: str | Path, min_side: int = 32) -> Path:
+    """Tile uint8 NHWC ``images`` into a PNG with ``rows`` rows, upscaling small images (nearest)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = int(np.ceil(n / rows))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, cols)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    scale = max(1, int(np.ceil(min_side / h)))
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return path
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+

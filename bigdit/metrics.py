@@ -1,0 +1,76 @@
+"""metrics.jsonl (one JSON object per logged step), the console status line and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (empty list when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``; on resume, drops records past the restored step.
+
+    Records logged after the last checkpoint of an interrupted run describe steps that will be
+    trained again, so they are removed to keep one record per step.
+    """
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = Path(path)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def status_line(record: dict[str, Any], total_steps: int) -> str:
+    """One line: step, loss, throughput and ETA."""
+    eta = (total_steps - record["step"]) * record["step_time_s"]
+    return (
+        f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | "
+        f"lr {record['lr']:.2e} | {record['img_per_s']:.1f} img/s | ETA {format_eta(eta)}"
+    )
+
+
+def print_status(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stdout, flush=True)
+
+
+def plot_loss(metrics_path: Path, out_path: Path) -> Path:
+    """Plot loss against step from metrics.jsonl into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return Path(out_path)

@@ -1,0 +1,206 @@
+"""``bigdit-train``: the one training entry point (a hydra app).
+
+Runs as one process, or as one rank of a job when ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+``MASTER_PORT``/``LOCAL_RANK`` are set (torchrun, srun, submitit). Rerunning the same command on the
+same ``run.dir`` resumes from the latest checkpoint, exactly.
+
+Reproducibility across interruptions and world sizes: the data, timesteps, noise and label dropout of
+a step are drawn for the whole global batch from generators seeded by ``(run.seed, step)`` and then
+sliced per rank and micro-batch, so no random state has to be checkpointed and the loss of a step does
+not depend on how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import bigdit  # noqa: F401  (environment fixes before third-party imports)
+from bigdit.checkpoint import Checkpointer
+from bigdit.data import EpochSampler, Source, stream_seed
+from bigdit.diffusion import make_schedule, q_sample, training_losses
+from bigdit.ema import EMA
+from bigdit.engine import Strategy, build_strategy
+from bigdit.metrics import MetricsLog, plot_loss, print_status, status_line
+from bigdit.models import build_model
+from bigdit.optim import build_adamw, lr_at
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch splits into ranks and micro-batches (gradient accumulation)."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    @classmethod
+    def from_config(cls, global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
+        if global_batch % world_size:
+            raise ValueError(f"run.global_batch={global_batch} is not divisible by {world_size} ranks")
+        per_rank = global_batch // world_size
+        micro = per_rank if micro_batch is None else int(micro_batch)
+        if micro <= 0 or per_rank % micro:
+            raise ValueError(
+                f"run.micro_batch={micro_batch} must divide the per-rank batch {per_rank} "
+                f"(run.global_batch={global_batch} / {world_size} ranks)"
+            )
+        return cls(global_batch, world_size, micro)
+
+
+def check_model_matches_data(model_cfg: DictConfig, data: Source) -> None:
+    """Fail before any compute when the model cannot consume the data."""
+    c, h, w = data.sample_shape
+    if (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size) != (c, h, w):
+        raise ValueError(
+            f"model expects {model_cfg.in_channels}x{model_cfg.input_size}x{model_cfg.input_size} inputs but the data "
+            f"gives {c}x{h}x{w}: set model.in_channels={c} model.input_size={h}"
+        )
+    if data.num_classes > model_cfg.num_classes:
+        raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: DictConfig) -> None:
+    """A run directory holds one model: refuse to resume it with a different model or diffusion."""
+    for section in ("model", "diffusion"):
+        now = OmegaConf.to_container(cfg[section], resolve=True)
+        if saved[section] != now:
+            raise ValueError(
+                f"{cfg.run.dir} was trained with {section}={saved[section]} but this command asks for {now}; "
+                f"use a new run.dir or the original settings"
+            )
+
+
+class StepDraws:
+    """The random draws of one optimizer step for the whole global batch, sliced per rank and micro-batch."""
+
+    def __init__(self, seed: int, step: int, plan: BatchPlan, shape, num_timesteps: int, drop_prob: float, device):
+        g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, 1))
+        n = plan.global_batch
+        self.t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)
+        self.noise = torch.randn((n, *shape), generator=g, device=device)
+        self.drop = (torch.rand(n, generator=g, device=device) < drop_prob).long()
+
+    @staticmethod
+    def span(plan: BatchPlan, rank: int, micro: int) -> slice:
+        start = rank * plan.per_rank + micro * plan.micro_batch
+        return slice(start, start + plan.micro_batch)
+
+
+def setup(cfg: DictConfig):
+    """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
+    strategy = build_strategy(**cfg.strategy)
+    plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
+    if cfg.run.precision not in ("fp32", "bf16"):
+        raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    data: Source = instantiate(cfg.data)
+    check_model_matches_data(cfg.model, data)
+    schedule = make_schedule(**cfg.diffusion)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(**cfg.model)
+    strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
+                                                     cfg.optim.betas, cfg.optim.eps, cfg.optim.fused))
+    named = list(strategy.module.named_parameters())
+    ema = EMA([(n, p) for n, p in named], cfg.ema.decay)
+
+    run_dir = Path(cfg.run.dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts)
+    extra = ckpt.load_latest()
+    step = nimg = 0
+    if extra is not None:
+        check_resume_compatible(extra["config"], cfg)
+        ema.load_state_dict(extra["ema"])
+        step, nimg = extra["step"], extra["nimg"]
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        n_params = sum(p.numel() for p in strategy.module.parameters())
+        print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "
+                     f"{strategy.device.type} | global batch {plan.global_batch} = {plan.world_size} x "
+                     f"{plan.accum_steps} x {plan.micro_batch} | " + (f"resumed at step {step}" if step else "from scratch"))
+    return strategy, plan, data, schedule, ema, ckpt, step, nimg
+
+
+def train(cfg: DictConfig) -> None:
+    """Train ``cfg.model`` on ``cfg.data`` until ``cfg.run.steps`` optimizer steps are done."""
+    strategy, plan, data, schedule, ema, ckpt, step, nimg = setup(cfg)
+    run, device, rank = cfg.run, strategy.device, strategy.info.rank
+    sampler = EpochSampler(len(data), run.seed)
+    log = MetricsLog(Path(run.dir) / "metrics.jsonl", step) if strategy.is_main else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
+    drop_prob = float(cfg.model.class_dropout_prob)
+    sums = torch.zeros(3, device=device)  # loss, grad-norm, steps since the last log
+    t_window = time.perf_counter()
+
+    def checkpoint(at_step: int) -> None:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        ckpt.save(at_step, {"ema": ema.state_dict(), "step": at_step, "nimg": nimg, "config": container})
+
+    while step < run.steps:
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, run.steps, cfg.optim.min_lr)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        draws = StepDraws(run.seed, step, plan, data.sample_shape, schedule.num_timesteps, drop_prob, device)
+        batch_idx = sampler.indices(step * plan.global_batch, plan.global_batch)
+        for micro in range(plan.accum_steps):
+            span = StepDraws.span(plan, rank, micro)
+            batch = data.get(batch_idx[span])
+            x0, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+            t, noise = draws.t[span], draws.noise[span]
+            xt = q_sample(schedule, x0, t, noise)
+            with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
+                out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
+            loss = training_losses(schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
+            strategy.backward(loss / plan.accum_steps)
+            sums[0] += loss.detach() / plan.accum_steps
+        sums[1] += strategy.clip_grad_norm(cfg.optim.grad_clip)
+        sums[2] += 1
+        strategy.optimizer_step()
+        ema.update(strategy.ema_targets())
+        step, nimg = step + 1, nimg + plan.global_batch
+
+        if step % run.log_every == 0 or step == run.steps:
+            loss_sum, grad_sum, n = strategy.all_reduce_mean(sums.clone()).tolist()
+            elapsed = time.perf_counter() - t_window
+            record = {"step": step, "nimg": nimg, "loss": loss_sum / n, "lr": lr, "grad_norm": grad_sum / n,
+                      "img_per_s": plan.global_batch * n / elapsed, "step_time_s": elapsed / n}
+            if log is not None:
+                log.write(record)
+                print_status(status_line(record, run.steps))
+            sums.zero_()
+            t_window = time.perf_counter()
+        if step % run.ckpt_every == 0 or step == run.steps:
+            checkpoint(step)
+
+    if strategy.is_main:
+        plot_loss(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "loss.png")
+        print_status(f"done: {run.dir} (config.yaml, metrics.jsonl, loss.png, checkpoints/)")
+    strategy.teardown()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Console script ``bigdit-train``: ``bigdit-train experiment=<preset> key=value ...``."""
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
