@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bigdit-installed
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
+SAMPLE_ARGS ?= per_class=50 sampler=ddpm steps=100 cfg_scale=4.0
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test clean-demo
@@ -20,8 +22,8 @@ setup: $(STAMP)
 # Train a class-conditional DiT on the 1,797 real 8x8 digits with 2 processes, sample every class with
 # guidance, and score the samples with an independent classifier. Rerunning resumes/reuses runs/demo.
 demo: setup
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m bigdit.train experiment=demo run.dir=$(DEMO_DIR)
-	$(PY) tools/sample.py run=$(DEMO_DIR) per_class=50
+	PYTHON=$(PY) launchers/torchrun.sh 2 experiment=demo run.dir=$(DEMO_DIR) $(DEMO_ARGS)
+	$(PY) tools/sample.py run=$(DEMO_DIR) $(SAMPLE_ARGS)
 	$(PY) tools/eval_digits.py samples=$(DEMO_DIR)/samples/samples.npz run=$(DEMO_DIR)
 
 test: setup

@@ -41,6 +41,7 @@ def generate(
     cfg_scale: float = 4.0,
     guidance: str = "dit",
     eta: float = 0.0,
+    clip_denoised: bool = False,
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
@@ -48,8 +49,9 @@ def generate(
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in model space for ``labels``, in batches, reproducible under ``seed``.
 
-    Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample does not change
-    when other batches are added.
+    ``clip_denoised`` clamps each predicted x0 to [-1, 1] (what ADM does in pixel space; latents are
+    left unclipped). Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample
+    does not change when other batches are added.
     """
     from bigdit.data import stream_seed
 
@@ -61,8 +63,8 @@ def generate(
         fn = guided_model_fn(model, y, cfg_scale, model.num_classes, guidance, in_channels=model.in_channels)
         g = torch.Generator().manual_seed(stream_seed(seed, i))
         outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
-                           learn_sigma=model.learn_sigma, generator=g, eta=eta, device=device,
-                           progress=progress).cpu())
+                           learn_sigma=model.learn_sigma, generator=g, eta=eta, clip_denoised=clip_denoised,
+                           device=device, progress=progress).cpu())
     return torch.cat(outs)
 
 

@@ -61,6 +61,7 @@ def main(cfg: DictConfig) -> None:
     t0 = time.perf_counter()
     x = generate(model, make_schedule(**diffusion_cfg), labels, sampler=cfg.sampler, steps=cfg.steps,
                  cfg_scale=cfg.cfg_scale, guidance=cfg.guidance, eta=cfg.eta, seed=cfg.seed,
+                 clip_denoised=cfg.vae is None if cfg.clip_denoised is None else cfg.clip_denoised,
                  batch_size=cfg.batch_size, device=device)
     images = to_uint8_images(decode(x, cfg, device))
     out = Path(cfg.out) if cfg.out else default_out
