@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -23,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import bigdit  # noqa: F401  (environment fixes before third-party imports)
-from bigdit.checkpoint import Checkpointer
+from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import EpochSampler, Source, stream_seed
 from bigdit.diffusion import make_schedule, q_sample, training_losses
 from bigdit.ema import EMA
@@ -77,13 +76,17 @@ def check_model_matches_data(model_cfg: DictConfig, data: Source) -> None:
         raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
 
 
-def check_resume_compatible(saved: dict[str, Any], cfg: DictConfig) -> None:
+def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
     """A run directory holds one model: refuse to resume it with a different model or diffusion."""
+    saved_path = run_dir / "config.yaml"
+    if latest_checkpoint(run_dir / "checkpoints") is None or not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     for section in ("model", "diffusion"):
         now = OmegaConf.to_container(cfg[section], resolve=True)
-        if saved[section] != now:
+        if saved.get(section) != now:
             raise ValueError(
-                f"{cfg.run.dir} was trained with {section}={saved[section]} but this command asks for {now}; "
+                f"{run_dir} was trained with {section}={saved.get(section)} but this command asks for {now}; "
                 f"use a new run.dir or the original settings"
             )
 
@@ -110,6 +113,8 @@ def setup(cfg: DictConfig):
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    run_dir = Path(cfg.run.dir)
+    check_resume_compatible(run_dir, cfg)
     data: Source = instantiate(cfg.data)
     check_model_matches_data(cfg.model, data)
     schedule = make_schedule(**cfg.diffusion)
@@ -121,12 +126,10 @@ def setup(cfg: DictConfig):
     named = list(strategy.module.named_parameters())
     ema = EMA([(n, p) for n, p in named], cfg.ema.decay)
 
-    run_dir = Path(cfg.run.dir)
     ckpt = Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts)
     extra = ckpt.load_latest()
     step = nimg = 0
     if extra is not None:
-        check_resume_compatible(extra["config"], cfg)
         ema.load_state_dict(extra["ema"])
         step, nimg = extra["step"], extra["nimg"]
     if strategy.is_main:
