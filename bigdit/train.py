@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
-from bigdit.data import EpochSampler, Source, stream_seed
+from bigdit.data import BatchPlan, Loader, stream_seed
 from bigdit.diffusion import make_schedule, q_sample, training_losses
 from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
@@ -34,37 +34,7 @@ from bigdit.optim import build_adamw, lr_at
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a global batch splits into ranks and micro-batches (gradient accumulation)."""
-
-    global_batch: int
-    world_size: int
-    micro_batch: int
-
-    @property
-    def per_rank(self) -> int:
-        return self.global_batch // self.world_size
-
-    @property
-    def accum_steps(self) -> int:
-        return self.per_rank // self.micro_batch
-
-    @classmethod
-    def from_config(cls, global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
-        if global_batch % world_size:
-            raise ValueError(f"run.global_batch={global_batch} is not divisible by {world_size} ranks")
-        per_rank = global_batch // world_size
-        micro = per_rank if micro_batch is None else int(micro_batch)
-        if micro <= 0 or per_rank % micro:
-            raise ValueError(
-                f"run.micro_batch={micro_batch} must divide the per-rank batch {per_rank} "
-                f"(run.global_batch={global_batch} / {world_size} ranks)"
-            )
-        return cls(global_batch, world_size, micro)
-
-
-def check_model_matches_data(model_cfg: DictConfig, data: Source) -> None:
+def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
     """Fail before any compute when the model cannot consume the data."""
     c, h, w = data.sample_shape
     if (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size) != (c, h, w):
@@ -101,11 +71,6 @@ class StepDraws:
         self.noise = torch.randn((n, *shape), generator=g, device=device)
         self.drop = (torch.rand(n, generator=g, device=device) < drop_prob).long()
 
-    @staticmethod
-    def span(plan: BatchPlan, rank: int, micro: int) -> slice:
-        start = rank * plan.per_rank + micro * plan.micro_batch
-        return slice(start, start + plan.micro_batch)
-
 
 def setup(cfg: DictConfig):
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
@@ -115,7 +80,8 @@ def setup(cfg: DictConfig):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
     run_dir = Path(cfg.run.dir)
     check_resume_compatible(run_dir, cfg)
-    data: Source = instantiate(cfg.data)
+    # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
+    data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
     check_model_matches_data(cfg.model, data)
     schedule = make_schedule(**cfg.diffusion)
 
@@ -131,6 +97,7 @@ def setup(cfg: DictConfig):
     step = nimg = 0
     if extra is not None:
         ema.load_state_dict(extra["ema"])
+        data.load_state_dict(extra["data"])
         step, nimg = extra["step"], extra["nimg"]
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +113,6 @@ def train(cfg: DictConfig) -> None:
     """Train ``cfg.model`` on ``cfg.data`` until ``cfg.run.steps`` optimizer steps are done."""
     strategy, plan, data, schedule, ema, ckpt, step, nimg = setup(cfg)
     run, device, rank = cfg.run, strategy.device, strategy.info.rank
-    sampler = EpochSampler(len(data), run.seed)
     log = MetricsLog(Path(run.dir) / "metrics.jsonl", step) if strategy.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     drop_prob = float(cfg.model.class_dropout_prob)
@@ -155,17 +121,16 @@ def train(cfg: DictConfig) -> None:
 
     def checkpoint(at_step: int) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
-        ckpt.save(at_step, {"ema": ema.state_dict(), "step": at_step, "nimg": nimg, "config": container})
+        ckpt.save(at_step, {"ema": ema.state_dict(), "data": data.state_dict(), "step": at_step, "nimg": nimg,
+                            "config": container})
 
     while step < run.steps:
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, run.steps, cfg.optim.min_lr)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         draws = StepDraws(run.seed, step, plan, data.sample_shape, schedule.num_timesteps, drop_prob, device)
-        batch_idx = sampler.indices(step * plan.global_batch, plan.global_batch)
-        for micro in range(plan.accum_steps):
-            span = StepDraws.span(plan, rank, micro)
-            batch = data.get(batch_idx[span])
+        for micro, batch in enumerate(data.micro_batches(step)):
+            span = plan.span(rank, micro)
             x0, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
             t, noise = draws.t[span], draws.noise[span]
             xt = q_sample(schedule, x0, t, noise)

@@ -1,16 +1,74 @@
-"""Training data: sources of samples and the deterministic global-batch sampler.
+"""Training data: the loader interface of the training loop, random-access sources, the batch plan.
 
-A step's global batch is a fixed slice of one infinite stream (a fresh seeded permutation per epoch),
+The loop asks a loader for this rank's micro-batches of a step and checkpoints its ``state_dict``.
+Loaders are built by hydra from the ``data`` config with ``plan``, ``rank`` and ``seed`` added.
+
+For random-access sources (:class:`IndexedLoader`), a step's global batch is a fixed slice of one infinite stream (a fresh seeded permutation per epoch),
 so which samples a step sees depends only on ``(seed, step)``: not on the number of ranks, the
 micro-batch size, or whether the run was interrupted. The loader's whole state is the step counter.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch splits into ranks and micro-batches (gradient accumulation)."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    def span(self, rank: int, micro: int) -> slice:
+        """Positions of ``rank``'s micro-batch ``micro`` within the global batch."""
+        start = rank * self.per_rank + micro * self.micro_batch
+        return slice(start, start + self.micro_batch)
+
+    @classmethod
+    def from_config(cls, global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
+        """Validate ``run.global_batch``/``run.micro_batch`` against the number of ranks."""
+        if global_batch % world_size:
+            raise ValueError(f"run.global_batch={global_batch} is not divisible by {world_size} ranks")
+        per_rank = global_batch // world_size
+        micro = per_rank if micro_batch is None else int(micro_batch)
+        if micro <= 0 or per_rank % micro:
+            raise ValueError(
+                f"run.micro_batch={micro_batch} must divide the per-rank batch {per_rank} "
+                f"(run.global_batch={global_batch} / {world_size} ranks)"
+            )
+        return cls(global_batch, world_size, micro)
+
+
+class Loader(Protocol):
+    """What the training loop consumes."""
+
+    #: shape of one sample's ``x`` (C, H, W) as the model sees it
+    sample_shape: tuple[int, int, int]
+    #: number of class labels (0 for unconditional data)
+    num_classes: int
+
+    def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's ``plan.accum_steps`` micro-batches of optimizer step ``step``: ``x`` and ``y``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Source(Protocol):
@@ -60,3 +118,27 @@ class EpochSampler:
             out[pos - start : pos - start + take] = self._permutation(epoch)[offset : offset + take]
             pos += take
         return out
+
+
+class IndexedLoader:
+    """Loader over a random-access :class:`Source`: the global batch of step ``s`` is stream positions
+    ``[s * global_batch, (s + 1) * global_batch)``, so the loader is stateless (its state is the step)."""
+
+    def __init__(self, source: Source, plan: BatchPlan, rank: int, seed: int):
+        self.source = source
+        self.plan = plan
+        self.rank = rank
+        self.sampler = EpochSampler(len(source), seed)
+        self.sample_shape = source.sample_shape
+        self.num_classes = source.num_classes
+
+    def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        idx = self.sampler.indices(step * self.plan.global_batch, self.plan.global_batch)
+        for micro in range(self.plan.accum_steps):
+            yield self.source.get(idx[self.plan.span(self.rank, micro)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
