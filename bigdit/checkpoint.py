@@ -43,8 +43,8 @@ class Checkpointer:
         self.strategy = strategy
         self.keep = keep
 
-    def save(self, step: int, extra: dict[str, Any]) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, step: int, extra: dict[str, Any], ema: dict[str, Any]) -> Path:
+        """Collective: every rank calls it at the same step with its own EMA tensors."""
         tag = step_tag(step)
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if self.strategy.is_main:
@@ -52,7 +52,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir()
         self.strategy.barrier()
-        self.strategy.save(tmp, extra)
+        self.strategy.save(tmp, extra, ema)
         self.strategy.barrier()
         if self.strategy.is_main:
             if final.exists():
@@ -71,7 +71,7 @@ class Checkpointer:
             if tag != keep_tag:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
 
-    def load_latest(self) -> dict[str, Any] | None:
-        """Restore the latest checkpoint into the strategy; return its ``extra`` or None if there is none."""
+    def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Restore the latest checkpoint into the strategy; return ``(extra, ema)``, or None if there is none."""
         path = latest_checkpoint(self.root)
         return None if path is None else self.strategy.load(path)

@@ -89,14 +89,14 @@ def setup(cfg: DictConfig):
     model = build_model(**cfg.model)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused))
-    named = list(strategy.module.named_parameters())
-    ema = EMA([(n, p) for n, p in named], cfg.ema.decay)
+    ema = EMA(strategy.ema_targets(), cfg.ema.decay)
 
     ckpt = Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts)
-    extra = ckpt.load_latest()
+    restored = ckpt.load_latest()
     step = nimg = 0
-    if extra is not None:
-        ema.load_state_dict(extra["ema"])
+    if restored is not None:
+        extra, ema_state = restored
+        ema.load_state_dict(ema_state)
         data.load_state_dict(extra["data"])
         step, nimg = extra["step"], extra["nimg"]
     if strategy.is_main:
@@ -121,8 +121,8 @@ def train(cfg: DictConfig) -> None:
 
     def checkpoint(at_step: int) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
-        ckpt.save(at_step, {"ema": ema.state_dict(), "data": data.state_dict(), "step": at_step, "nimg": nimg,
-                            "config": container})
+        ckpt.save(at_step, {"data": data.state_dict(), "step": at_step, "nimg": nimg, "config": container},
+                  ema.state_dict())
 
     while step < run.steps:
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, run.steps, cfg.optim.min_lr)
@@ -139,10 +139,9 @@ def train(cfg: DictConfig) -> None:
             loss = training_losses(schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
             strategy.backward(loss / plan.accum_steps)
             sums[0] += loss.detach() / plan.accum_steps
-        sums[1] += strategy.clip_grad_norm(cfg.optim.grad_clip)
+        sums[1] += strategy.optimizer_step(cfg.optim.grad_clip)
         sums[2] += 1
-        strategy.optimizer_step()
-        ema.update(strategy.ema_targets())
+        ema.update([t for _, t in strategy.ema_targets()])
         step, nimg = step + 1, nimg + plan.global_batch
 
         if step % run.log_every == 0 or step == run.steps:

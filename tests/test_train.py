@@ -76,11 +76,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     crashed = make_cfg(tmp_path / "crashed", "run.steps=8")
     real_step, calls = DDPStrategy.optimizer_step, {"n": 0}
 
-    def crash_at_sixth(self):
+    def crash_at_sixth(self, max_norm):
         calls["n"] += 1
         if calls["n"] == 6:  # after the checkpoint at step 4, with metrics logged past it
             raise KeyboardInterrupt("simulated preemption")
-        real_step(self)
+        return real_step(self, max_norm)
 
     monkeypatch.setattr(DDPStrategy, "optimizer_step", crash_at_sixth)
     with pytest.raises(KeyboardInterrupt):
@@ -102,7 +102,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     train(make_cfg(tmp_path, "run.steps=4"))
     real_save = DDPStrategy.save
 
-    def torn_save(self, directory, extra):
+    def torn_save(self, directory, extra, ema):
         (directory / "state.pt").write_bytes(b"partial")
         raise OSError("disk full")
 

@@ -2,13 +2,15 @@
 
 Shaped like Lightning Fabric's Strategy: the model and optimizer are set up together (sharding
 strategies must build the optimizer over sharded parameters), and the loop only calls ``backward``,
-``clip_grad_norm``, ``optimizer_step``, ``no_sync``, ``save``/``load`` and a few collectives.
+``optimizer_step`` (which clips and reports the gradient norm), ``no_sync``, ``save``/``load`` and a
+few collectives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -95,25 +97,31 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    @abstractmethod
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        """Global gradient norm (before clipping), clipping to ``max_norm`` when given. No host sync."""
-
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, max_norm: float | None) -> torch.Tensor:
+        """Clip gradients to ``max_norm`` (when given), step, zero them; return the global gradient norm
+        before clipping as a device tensor (no host sync)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # With an infinite bound clip_grad_norm_ only measures. Under FSDP2 the norm is a DTensor reduced
+        # over the shards; full_tensor() makes it the global value on every rank.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def ema_targets(self) -> list[torch.Tensor]:
-        """The parameter tensors this rank keeps an EMA of (its own shard under sharding strategies)."""
-        return [p.detach() for p in self.module.parameters()]
-
-    @abstractmethod
-    def save(self, directory: Path, extra: dict[str, Any]) -> None:
-        """Write model, optimizer and ``extra`` (EMA, counters, config) into ``directory`` (collective)."""
+    def ema_targets(self) -> list[tuple[str, torch.Tensor]]:
+        """Named tensors this rank keeps an EMA of: its own shard of each parameter under sharding
+        strategies, the full parameter when parameters are replicated."""
+        return [(n, p.detach()) for n, p in self.module.named_parameters()]
 
     @abstractmethod
-    def load(self, directory: Path) -> dict[str, Any]:
-        """Restore model and optimizer from ``directory``; return the ``extra`` saved with them."""
+    def save(self, directory: Path, extra: dict[str, Any], ema: dict[str, torch.Tensor]) -> None:
+        """Write model, optimizer, this rank's ``ema`` tensors (as from :meth:`ema_targets`) and the
+        picklable ``extra`` (counters, loader state, config) into ``directory``. Collective."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Restore model and optimizer from ``directory``; return ``extra`` and this rank's EMA tensors,
+        resharded to the current world size where the strategy supports it."""
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.info.world_size > 1:

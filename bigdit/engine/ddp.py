@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +45,17 @@ class DDPStrategy(Strategy):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        # clip_grad_norm_ with an infinite bound only measures; it stays on device (no host sync).
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf, foreach=True)
-
-    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+    def save(self, directory: Path, extra: dict[str, Any], ema: dict[str, torch.Tensor]) -> None:
         if self.is_main:
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), **extra}
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "ema": ema, **extra}
             torch.save(state, directory / STATE_FILE)
         self.barrier()
 
-    def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+    def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        path = directory / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {directory} was not written by strategy=ddp")
+        state = torch.load(path, map_location=self.device, weights_only=False)
         self.module.load_state_dict(state.pop("model"), strict=True)
         self.optimizer.load_state_dict(state.pop("optimizer"))
-        return state
+        return state, state.pop("ema")

@@ -1,0 +1,184 @@
+"""The shard sample contract and the dataset manifest, shared by the tools, the loaders and the tests.
+
+A sample (in memory, a dict) has these fields:
+
+==================  =====================  ==========================================================
+field               type                   meaning
+==================  =====================  ==========================================================
+``key``             str, no dots           unique id (WebDataset splits member names at the first dot)
+``moments``         float16 (2C, H, W)     VAE posterior: mean and logvar stacked on the channel axis
+``moments_flip``    float16 (2C, H, W)     optional: moments of the horizontally flipped image
+``cls``             int                    class label (-1 when the data has no classes)
+``txt``             str                    optional caption
+``clip_tokens``     float16 (T, D)         optional: CLIP per-token text states (after the final LN)
+``clip_pooled``     float16 (D,)           optional: CLIP pooled text embedding
+``json``            dict                   free metadata
+==================  =====================  ==========================================================
+
+``moments`` follow diffusers' ``DiagonalGaussianDistribution.parameters`` (mean, logvar), so an encoder
+stores exactly what the VAE returns and :mod:`bigdit.codec` samples ``z = mean + exp(logvar / 2) * eps``.
+
+The manifest (``manifest.json`` at the shard root) records what produced the shards; training reads it
+and refuses to start when the model config disagrees or the schema is stale (:func:`check_model_against`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Bumped whenever a field changes meaning; loaders refuse manifests with another version.
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: Empty-prompt CLIP embedding for classifier-free guidance, written by tools/cache_text.py.
+EMPTY_PROMPT_NAME = "empty_prompt.npz"
+
+ARRAY_FIELDS = ("moments", "moments_flip", "clip_tokens", "clip_pooled")
+#: field -> WebDataset member extension (the part of a tar member name after the key's dot).
+WDS_EXT = {"moments": "moments.npy", "moments_flip": "moments_flip.npy", "clip_tokens": "clip_tokens.npy",
+           "clip_pooled": "clip_pooled.npy", "cls": "cls", "txt": "txt", "json": "json"}
+EXT_FIELD = {v: k for k, v in WDS_EXT.items()}
+#: MosaicML MDS column encodings of the same fields.
+MDS_COLUMNS = {"key": "str", "moments": "ndarray", "moments_flip": "ndarray", "cls": "int", "txt": "str",
+               "clip_tokens": "ndarray", "clip_pooled": "ndarray", "json": "json"}
+
+
+class SchemaError(ValueError):
+    """A sample, shard or manifest does not follow the contract."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` when it is a valid sample key (non-empty, no dots, no slashes)."""
+    if not key or "." in key or "/" in key:
+        raise SchemaError(f"sample key {key!r} must be non-empty and contain no '.' or '/' "
+                          f"(WebDataset splits tar member names at the first dot)")
+    return key
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what produced a shard directory, and its shards."""
+
+    format: str                         # wds | mds
+    latent_shape: list[int]             # (C, H, W) of a sampled latent (moments have 2C channels)
+    vae: str = "none"                   # hub id / local dir, or "none" for pixels in [-1, 1]
+    scaling_factor: float = 1.0         # z_model = (z - shift_factor) * scaling_factor
+    shift_factor: float = 0.0
+    resolution: int = 0                 # image side after the ADM center crop
+    latent_dtype: str = "float16"
+    flip: bool = False                  # moments_flip stored
+    classes: list[str] = field(default_factory=list)
+    text: dict[str, Any] | None = None  # {model, pretrained, layer, tokens, dim} once tools/cache_text.py ran
+    shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
+    count: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fields(self) -> list[str]:
+        """The fields every sample of this dataset carries."""
+        out = ["key", "moments", "cls", "json"]
+        if self.flip:
+            out.append("moments_flip")
+        if self.text is not None:
+            out += ["clip_tokens", "clip_pooled"]
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected array shapes of the array fields."""
+        c, h, w = self.latent_shape
+        out = {"moments": (2 * c, h, w)}
+        if self.flip:
+            out["moments_flip"] = (2 * c, h, w)
+        if self.text is not None:
+            out["clip_tokens"] = (int(self.text["tokens"]), int(self.text["dim"]))
+            out["clip_pooled"] = (int(self.text["dim"]),)
+        return out
+
+    def save(self, root: str | Path) -> Path:
+        """Write ``root/manifest.json`` atomically (several encoder ranks may finish at the same time)."""
+        path = Path(root) / MANIFEST_NAME
+        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest:
+        """Read ``root/manifest.json``; raise :class:`SchemaError` when missing or of another schema version."""
+        path = Path(root) / MANIFEST_NAME
+        if not path.is_file():
+            raise SchemaError(f"{path} not found: {root} is not a finished shard directory "
+                              f"(run tools/encode_latents.py out={root} ... to completion)")
+        raw = json.loads(path.read_text())
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{path} has schema version {version}, this code reads version {SCHEMA_VERSION}: "
+                              f"re-encode the data with tools/encode_latents.py")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def check_model_against(manifest: Manifest, in_channels: int, input_size: int, text_dim: int | None = None) -> None:
+    """Fail fast when a model's input does not match the manifest (before any compute)."""
+    c, h, w = manifest.latent_shape
+    if (in_channels, input_size, input_size) != (c, h, w):
+        raise SchemaError(f"the shards hold {c}x{h}x{w} latents (vae={manifest.vae}) but the model expects "
+                          f"{in_channels}x{input_size}x{input_size}: set model.in_channels={c} model.input_size={h}")
+    if text_dim is not None:
+        if manifest.text is None:
+            raise SchemaError("the model needs text embeddings but the shards have none: run tools/cache_text.py")
+        if int(manifest.text["dim"]) != text_dim:
+            raise SchemaError(f"the shards hold {manifest.text['dim']}-d CLIP embeddings ({manifest.text['model']}) "
+                              f"but the model expects {text_dim}-d")
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    """``a`` in .npy format (self-describing: dtype and shape travel with the data)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """Inverse of :func:`npy_bytes`, without copying the payload."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    shape, fortran, dtype = np.lib.format._read_array_header(buf, version)  # public readers copy the data
+    if fortran:
+        raise SchemaError("fortran-ordered arrays are not part of the schema")
+    arr = np.frombuffer(data, dtype=dtype, offset=buf.tell())
+    if arr.size != int(np.prod(shape)):
+        raise SchemaError(f"truncated array: {arr.size} of {int(np.prod(shape))} values")
+    return arr.reshape(shape)
+
+
+def validate_sample(sample: dict[str, Any], manifest: Manifest) -> list[str]:
+    """Problems of one decoded sample against the manifest (empty when it is fine)."""
+    problems = []
+    for name in manifest.fields():
+        if name not in sample:
+            problems.append(f"missing field {name!r}")
+    for name, shape in manifest.shapes().items():
+        a = sample.get(name)
+        if a is None:
+            continue
+        if tuple(a.shape) != shape:
+            problems.append(f"{name} has shape {tuple(a.shape)}, expected {shape}")
+        elif a.dtype != np.float16:
+            problems.append(f"{name} has dtype {a.dtype}, expected float16")
+        elif not np.isfinite(a).all():
+            problems.append(f"{name} has NaN/inf values")
+    cls = sample.get("cls")
+    if cls is not None and manifest.classes and not 0 <= int(cls) < manifest.num_classes:
+        problems.append(f"cls={cls} outside 0..{manifest.num_classes - 1}")
+    return problems
