@@ -74,10 +74,10 @@ class StepDraws:
 
 def setup(cfg: DictConfig):
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
-    strategy = build_strategy(**cfg.strategy)
-    plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
+    plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
     check_resume_compatible(run_dir, cfg)
     # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
@@ -88,7 +88,8 @@ def setup(cfg: DictConfig):
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(**cfg.model)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
-                                                     cfg.optim.betas, cfg.optim.eps, cfg.optim.fused))
+                                                     cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
+                   plan=plan, grad_clip=cfg.optim.grad_clip)
     ema = EMA(strategy.ema_targets(), cfg.ema.decay)
 
     ckpt = Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts)

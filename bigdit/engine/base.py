@@ -52,8 +52,20 @@ def rank_info_from_env() -> RankInfo:
     return RankInfo(rank, world, local_rank, local_world)
 
 
-def init_distributed(info: RankInfo, timeout_s: float = 600.0) -> torch.device:
-    """Pick the device and, for more than one rank, join the process group (nccl on GPU, gloo on CPU)."""
+def _single_process_rendezvous() -> None:
+    """Environment for a one-rank process group on a free local port (FSDP2/DeepSpeed need a group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+
+
+def init_distributed(info: RankInfo, timeout_s: float = 600.0, always: bool = False) -> torch.device:
+    """Pick the device and join the process group (nccl on GPU, gloo on CPU) when there is more than one
+    rank, or ``always`` (strategies built on torch.distributed even for a single process)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -61,7 +73,9 @@ def init_distributed(info: RankInfo, timeout_s: float = 600.0) -> torch.device:
         device = torch.device("cpu")
         # Ranks sharing a CPU host split its cores instead of each spawning one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-    if info.world_size > 1 and not dist.is_initialized():
+    if (info.world_size > 1 or always) and not dist.is_initialized():
+        if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+            _single_process_rendezvous()
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=info.rank,
@@ -75,6 +89,9 @@ def init_distributed(info: RankInfo, timeout_s: float = 600.0) -> torch.device:
 class Strategy(ABC):
     """One distributed training strategy: owns the wrapped model, the optimizer and their checkpoints."""
 
+    #: whether the strategy needs a process group even for a single process
+    needs_process_group = False
+
     def __init__(self, info: RankInfo, device: torch.device):
         self.info = info
         self.device = device
@@ -87,8 +104,13 @@ class Strategy(ABC):
         return self.info.is_main
 
     @abstractmethod
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        """Move/wrap/shard ``model`` and build its optimizer over the resulting parameters."""
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, plan: Any = None,
+              grad_clip: float | None = None) -> None:
+        """Move/wrap/shard ``model`` and build its optimizer over the resulting parameters.
+
+        ``plan`` (the run's :class:`bigdit.data.BatchPlan`) and ``grad_clip`` are for strategies whose
+        engine fixes them at initialisation (DeepSpeed); the others take them per step.
+        """
 
     def no_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Skip gradient synchronisation for accumulation micro-steps (when ``enabled``)."""

@@ -22,12 +22,14 @@ class DDPStrategy(Strategy):
     also makes resuming with a different number of ranks trivial.
     """
 
-    def __init__(self, info, device, find_unused_parameters: bool = False, bucket_cap_mb: int = 25):
+    def __init__(self, info, device, precision: str = "fp32", find_unused_parameters: bool = False,
+                 bucket_cap_mb: int = 25):
+        # bf16 is autocast in the loop; DDP keeps fp32 weights and all-reduces fp32 gradients.
         super().__init__(info, device)
         self.find_unused_parameters = find_unused_parameters
         self.bucket_cap_mb = bucket_cap_mb
 
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, plan=None, grad_clip=None) -> None:
         self.module = model.to(self.device)
         if self.info.world_size > 1:
             self.model = DistributedDataParallel(

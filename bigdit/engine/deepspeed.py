@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 (optional optimizer/parameter offload, bf16) behind the same interface.
+
+Launched without DeepSpeed's launcher: ranks come from the environment (torchrun, srun, submitit) and
+the process group that :func:`bigdit.engine.init_distributed` opened is reused. Under ZeRO-3 each rank
+keeps the EMA of its own parameter partitions (``param.ds_tensor``), so the EMA is never gathered to be
+updated; ZeRO-1/2 replicate parameters, so the EMA is replicated like them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigdit.data import BatchPlan
+from bigdit.engine.base import OptimizerFactory, Strategy
+
+EXTRA_FILE = "extra.pt"
+TAG = "deepspeed"
+
+
+def _disable_cpu_shm_comm_build() -> None:
+    """Skip DeepSpeed's shared-memory comm op on CPU.
+
+    DeepSpeed compiles it at every fresh ``init_distributed`` on CPU: minutes on a small machine, and an
+    interrupted build leaves a lock that hangs later runs. gloo does the collectives without it.
+    """
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the real torch as an
+    # attribute named `torch`, which that import statement would resolve to instead of the submodule.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+class DeepSpeedStrategy(Strategy):
+    """``deepspeed.initialize`` with a ZeRO config built from bigdit's run and strategy keys."""
+
+    needs_process_group = True
+
+    def __init__(self, info, device, precision: str = "fp32", zero_stage: int = 2, offload_optimizer: bool = False,
+                 offload_params: bool = False, overlap_comm: bool = False, extra_config: dict | None = None):
+        super().__init__(info, device)
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {zero_stage}")
+        if offload_params and zero_stage != 3:
+            raise ValueError("strategy.offload_params needs strategy.zero_stage=3 (only ZeRO-3 partitions parameters)")
+        self.precision = precision
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_params = offload_params
+        self.overlap_comm = overlap_comm
+        self.extra_config = dict(extra_config or {})
+        self.engine = None
+
+    def ds_config(self, plan: BatchPlan, grad_clip: float | None) -> dict[str, Any]:
+        """The DeepSpeed JSON config for this run."""
+        zero: dict[str, Any] = {"stage": self.zero_stage, "overlap_comm": self.overlap_comm,
+                                "contiguous_gradients": True}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        if self.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        config = {
+            "train_batch_size": plan.global_batch,
+            "train_micro_batch_size_per_gpu": plan.micro_batch,
+            "gradient_accumulation_steps": plan.accum_steps,
+            "gradient_clipping": float(grad_clip or 0.0),
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16"},
+            # bigdit's AdamW is a client optimizer; DeepSpeed only vouches for its own by default.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        config.update(self.extra_config)
+        return config
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, plan: BatchPlan | None = None,
+              grad_clip: float | None = None) -> None:
+        if plan is None:
+            raise ValueError("DeepSpeedStrategy.setup needs the BatchPlan (its config fixes the batch layout)")
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _disable_cpu_shm_comm_build()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
+        model = model.to(self.device)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config(plan, grad_clip))
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def no_sync(self, enabled: bool):
+        return contextlib.nullcontext()  # DeepSpeed defers reduction to the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divides by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def optimizer_step(self, max_norm: float | None) -> torch.Tensor:
+        # Clipping is configured in ds_config (gradient_clipping) and applied inside step().
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
+
+    def ema_targets(self) -> list[tuple[str, torch.Tensor]]:
+        if self.zero_stage == 3:
+            return [(n, p.ds_tensor.detach()) for n, p in self.module.named_parameters()]
+        return super().ema_targets()
+
+    def _ema_file(self) -> str:
+        return f"ema_rank{self.info.rank:05d}.pt" if self.zero_stage == 3 else "ema.pt"
+
+    def save(self, directory: Path, extra: dict[str, Any], ema: dict[str, torch.Tensor]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG)
+        if self.zero_stage == 3 or self.is_main:
+            torch.save({"world_size": self.info.world_size, "zero_stage": self.zero_stage, "ema": ema},
+                       directory / self._ema_file())
+        if self.is_main:
+            torch.save(extra, directory / EXTRA_FILE)
+        self.barrier()
+
+    def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if not (directory / TAG).is_dir() or not (directory / EXTRA_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/ or {EXTRA_FILE}); "
+                                    f"it was written by another strategy: resume with that strategy")
+        ema_path = directory / self._ema_file()
+        if not ema_path.is_file():
+            raise FileNotFoundError(f"{ema_path} is missing: the checkpoint was written with another ZeRO stage "
+                                    f"or world size; resume with the original strategy.zero_stage and ranks")
+        saved = torch.load(ema_path, map_location=self.device, weights_only=False)
+        if saved["world_size"] != self.info.world_size and self.zero_stage == 3:
+            raise ValueError(f"{directory} was written by {saved['world_size']} ranks under ZeRO-3; resuming on "
+                             f"{self.info.world_size} needs the same number of ranks")
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {directory / TAG}")
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False), saved["ema"]
