@@ -13,7 +13,6 @@ not depend on how the global batch is split.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -26,7 +25,9 @@ from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import BatchPlan, Loader, stream_seed
 from bigdit.diffusion import make_schedule, q_sample, training_losses
 from bigdit.ema import EMA
-from bigdit.engine import Strategy, build_strategy
+from bigdit.engine import build_strategy
+from bigdit.engine.base import full_numel
+from bigdit.engine.blocks import apply_block_options
 from bigdit.metrics import MetricsLog, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.optim import build_adamw, lr_at
@@ -86,7 +87,7 @@ def setup(cfg: DictConfig):
     schedule = make_schedule(**cfg.diffusion)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(**cfg.model)
+    model = apply_block_options(build_model(**cfg.model), cfg.run.activation_checkpointing, cfg.run.compile)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
@@ -103,10 +104,12 @@ def setup(cfg: DictConfig):
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        n_params = sum(p.numel() for p in strategy.module.parameters())
+        n_params = sum(full_numel(p) for p in strategy.module.parameters())
         print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "
                      f"{strategy.device.type} | global batch {plan.global_batch} = {plan.world_size} x "
                      f"{plan.accum_steps} x {plan.micro_batch} | " + (f"resumed at step {step}" if step else "from scratch"))
+        mib = {k: f"{v / 2**20:.1f}" for k, v in strategy.state_bytes().items()}
+        print_status(f"{cfg.strategy.name} state per rank (MiB): " + ", ".join(f"{k} {v}" for k, v in mib.items()))
     return strategy, plan, data, schedule, ema, ckpt, step, nimg
 
 

@@ -191,3 +191,12 @@ def test_make_demo_runs_the_whole_job(tmp_path):
     for name in ("samples/grid.png", "samples/samples.npz", "metrics.jsonl", "loss.png", "eval.json"):
         assert (demo_dir / name).is_file(), name
     assert json.loads((demo_dir / "eval.json").read_text())["samples"] == 20
+
+
+@pytest.mark.parametrize("option", ["run.activation_checkpointing=true", "run.compile=true"])
+def test_block_options_keep_the_training_and_the_checkpoint_layout(tmp_path, option):
+    train(make_cfg(tmp_path / "plain", "run.steps=2"))
+    train(make_cfg(tmp_path / "opt", "run.steps=2", option))
+    plain, opt = read_metrics(tmp_path / "plain" / "metrics.jsonl"), read_metrics(tmp_path / "opt" / "metrics.jsonl")
+    np.testing.assert_allclose([r["loss"] for r in opt], [r["loss"] for r in plain], rtol=1e-5)
+    assert_same_tensors(final_state(tmp_path / "plain")["model"], final_state(tmp_path / "opt")["model"], exact=False)

@@ -86,6 +86,11 @@ def init_distributed(info: RankInfo, timeout_s: float = 600.0, always: bool = Fa
     return device
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 has partitioned it away (``ds_numel``)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 class Strategy(ABC):
     """One distributed training strategy: owns the wrapped model, the optimizer and their checkpoints."""
 
@@ -144,6 +149,24 @@ class Strategy(ABC):
     def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore model and optimizer from ``directory``; return ``extra`` and this rank's EMA tensors,
         resharded to the current world size where the strategy supports it."""
+
+    #: whether gradients / optimizer state are split over ranks (ZeRO-2/3, FSDP) or replicated (DDP)
+    shards_grads = False
+    shards_optimizer = False
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes per rank held for parameters, gradients, AdamW state and EMA (fp32 master state)."""
+        local = [(t.numel(), t.element_size()) for _, t in self.ema_targets()]
+        full_trainable = sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
+        frac = sum(n for n, _ in local) / max(1, sum(full_numel(p) for p in self.module.parameters()))
+        trainable = full_trainable * frac if self.shards_grads else full_trainable
+        opt_elems = full_trainable * (1 / self.info.world_size if self.shards_optimizer else 1)
+        return {
+            "params": int(sum(n * size for n, size in local)),
+            "grads": int(trainable * 4),
+            "optimizer": int(opt_elems * 8),  # AdamW: exp_avg + exp_avg_sq in fp32
+            "ema": int(sum(n for n, _ in local) * 4),
+        }
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.info.world_size > 1:

@@ -50,6 +50,8 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError("strategy.offload_params needs strategy.zero_stage=3 (only ZeRO-3 partitions parameters)")
         self.precision = precision
         self.zero_stage = zero_stage
+        self.shards_optimizer = True
+        self.shards_grads = zero_stage >= 2
         self.offload_optimizer = offload_optimizer
         self.offload_params = offload_params
         self.overlap_comm = overlap_comm

@@ -33,6 +33,7 @@ class FSDP2Strategy(Strategy):
     """
 
     needs_process_group = True
+    shards_grads = shards_optimizer = True
 
     def __init__(self, info, device, precision: str = "fp32", shard_size: int | None = None,
                  reshard_after_forward: bool = True, fp32_reduce: bool = True):

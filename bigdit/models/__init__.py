@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from bigdit.models.dit import DiT_models
+from bigdit.models.udit import UDiT_models
+from bigdit.models.uvit import UViT_models
 
 #: Every registered backbone size, e.g. ``MODELS["DiT-XL/2"](input_size=32)``.
-MODELS = {**DiT_models}
+MODELS = {**DiT_models, **UDiT_models, **UViT_models}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

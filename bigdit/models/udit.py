@@ -155,10 +155,11 @@ class RepFFN(nn.Module):
     def merged(self) -> DeployFFN:
         """A new :class:`DeployFFN` with the folded weights; this module's parameters are not modified."""
 
+        # Folded in float32 (then cast to the model's dtype) so that bf16/fp16 weights lose nothing extra.
         def fold_pair(pair: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
             # conv2(conv1(x)) = W2 (W1 x + b1) + b2 for 1x1 convs.
-            w1, w2 = pair[0].weight.flatten(1), pair[1].weight.flatten(1)
-            return (w2 @ w1)[:, :, None, None], w2 @ pair[0].bias + pair[1].bias
+            w1, w2 = pair[0].weight.flatten(1).float(), pair[1].weight.flatten(1).float()
+            return (w2 @ w1)[:, :, None, None], w2 @ pair[0].bias.float() + pair[1].bias.float()
 
         ref = self.project_in[0].weight
         with torch.device(ref.device):
@@ -167,12 +168,12 @@ class RepFFN(nn.Module):
         out.project_in.weight.copy_(w)
         out.project_in.bias.copy_(b)
         # Centre the 3x3 and 1x1 kernels (and the identity, a 1x1 kernel of ones) inside the 5x5 one.
-        k5, k3, k1 = (conv.weight for conv in self.dwconv)
-        dw = k5.clone()
+        k5, k3, k1 = (conv.weight.float() for conv in self.dwconv)
+        dw = k5.clone()  # a new tensor: the training weights are never written
         dw[:, :, 1:4, 1:4] += k3
         dw[:, :, 2:3, 2:3] += k1 + 1.0
         out.dwconv.weight.copy_(dw)
-        out.dwconv.bias.copy_(sum(conv.bias for conv in self.dwconv))
+        out.dwconv.bias.copy_(sum(conv.bias.float() for conv in self.dwconv))
         w, b = fold_pair(self.project_out)
         out.project_out.weight.copy_(w)
         out.project_out.bias.copy_(b)
@@ -208,7 +209,8 @@ class UDiTBlock(nn.Module):
         self.adaLN_modulation2 = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for attn, mlp, ada in ((self.attn1, self.mlp1, self.adaLN_modulation1), (self.attn2, self.mlp2, self.adaLN_modulation2)):
+        subs = ((self.attn1, self.mlp1, self.adaLN_modulation1), (self.attn2, self.mlp2, self.adaLN_modulation2))
+        for attn, mlp, ada in subs:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada(c).chunk(6, dim=1)
             x = x + gate_msa[:, :, None, None] * attn(modulate_2d(layer_norm_2d(x), shift_msa, scale_msa))
             x = x + gate_mlp[:, :, None, None] * mlp(modulate_2d(layer_norm_2d(x), shift_mlp, scale_mlp))
@@ -291,7 +293,9 @@ class UDiT(nn.Module):
             raise ValueError(f"depth lists the blocks of 5 levels, got {depth}")
         # Two 2x downsamples, then each level's grid must split into down_factor x down_factor sub-grids.
         if input_size % (4 * down_factor):
-            raise ValueError(f"input_size {input_size} is not divisible by {4 * down_factor} (2 downsamples x {down_factor})")
+            raise ValueError(
+                f"input_size {input_size} is not divisible by {4 * down_factor} (2 downsamples x {down_factor})"
+            )
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -374,7 +378,8 @@ class UDiT(nn.Module):
         """Predict epsilon (and the variance interpolation with ``learn_sigma``) for ``x`` at timesteps ``t``."""
         if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"U-DiT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
+                f"U-DiT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
+                f"got {tuple(x.shape)}"
             )
         # Drop labels once for all three levels (upstream draws a separate mask per level, so a sample
         # could be conditional at one width and unconditional at another).
