@@ -106,3 +106,16 @@ def test_export_writes_loadable_ema(reference, tmp_path):
     assert_close_dicts(model.state_dict(), ema(tmp_path))
     assert load_file(out / "model.safetensors").keys() == model.state_dict().keys()
     assert torch.load(out / "ema.pt", weights_only=True).keys() == model.state_dict().keys()
+
+
+def test_per_rank_state_is_logged_and_sharded(tmp_path):
+    ddp = launch(tmp_path / "ddp", 2, "run.steps=1").stdout
+    zero3 = launch(tmp_path / "z3", 2, *STRATEGIES["zero3"], "run.steps=1").stdout
+
+    def mib(out: str) -> dict[str, float]:
+        line = next(s for s in out.splitlines() if "state per rank (MiB)" in s)
+        return {k: float(v) for k, v in (kv.split() for kv in line.split("(MiB): ")[1].split(", "))}
+
+    full, sharded = mib(ddp), mib(zero3)
+    for key in ("params", "grads", "optimizer", "ema"):
+        assert sharded[key] == pytest.approx(full[key] / 2, abs=0.15), key

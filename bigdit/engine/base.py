@@ -157,14 +157,12 @@ class Strategy(ABC):
     def state_bytes(self) -> dict[str, int]:
         """Bytes per rank held for parameters, gradients, AdamW state and EMA (fp32 master state)."""
         local = [(t.numel(), t.element_size()) for _, t in self.ema_targets()]
-        full_trainable = sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
-        frac = sum(n for n, _ in local) / max(1, sum(full_numel(p) for p in self.module.parameters()))
-        trainable = full_trainable * frac if self.shards_grads else full_trainable
-        opt_elems = full_trainable * (1 / self.info.world_size if self.shards_optimizer else 1)
+        trainable = sum(full_numel(p) for p in self.module.parameters() if p.requires_grad)
+        world = self.info.world_size
         return {
             "params": int(sum(n * size for n, size in local)),
-            "grads": int(trainable * 4),
-            "optimizer": int(opt_elems * 8),  # AdamW: exp_avg + exp_avg_sq in fp32
+            "grads": int(trainable * 4 / (world if self.shards_grads else 1)),
+            "optimizer": int(trainable * 8 / (world if self.shards_optimizer else 1)),  # AdamW moments, fp32
             "ema": int(sum(n for n, _ in local) * 4),
         }
 
