@@ -31,6 +31,9 @@ from bigdit.engine.blocks import apply_block_options
 from bigdit.metrics import MetricsLog, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.optim import build_adamw, lr_at
+from bigdit.preemption import PreemptionGuard
+from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
+from bigdit.flops import train_flops_per_sample
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -71,6 +74,12 @@ class StepDraws:
         self.t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)
         self.noise = torch.randn((n, *shape), generator=g, device=device)
         self.drop = (torch.rand(n, generator=g, device=device) < drop_prob).long()
+
+
+def peak_device_tflops(device: torch.device, precision: str) -> float:
+    """MFU denominator: the datasheet peak when the GPU is known, else a measured matmul peak."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return datasheet_tflops(device, dtype) or measured_matmul_tflops(device, dtype)
 
 
 def setup(cfg: DictConfig):
@@ -119,9 +128,12 @@ def train(cfg: DictConfig) -> None:
     run, device, rank = cfg.run, strategy.device, strategy.info.rank
     log = MetricsLog(Path(run.dir) / "metrics.jsonl", step) if strategy.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
+    flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula yet
+    peak_tflops = run.peak_tflops or peak_device_tflops(device, run.precision)
     drop_prob = float(cfg.model.class_dropout_prob)
     sums = torch.zeros(3, device=device)  # loss, grad-norm, steps since the last log
     t_window = time.perf_counter()
+    guard = PreemptionGuard.for_strategy(strategy)  # inert unless started by bigdit.launch (SLURM/submitit)
 
     def checkpoint(at_step: int) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
@@ -151,15 +163,22 @@ def train(cfg: DictConfig) -> None:
         if step % run.log_every == 0 or step == run.steps:
             loss_sum, grad_sum, n = strategy.all_reduce_mean(sums.clone()).tolist()
             elapsed = time.perf_counter() - t_window
+            img_per_s = plan.global_batch * n / elapsed
             record = {"step": step, "nimg": nimg, "loss": loss_sum / n, "lr": lr, "grad_norm": grad_sum / n,
-                      "img_per_s": plan.global_batch * n / elapsed, "step_time_s": elapsed / n}
+                      "img_per_s": img_per_s, "step_time_s": elapsed / n, "peak_mem_gib": peak_memory_gib(device)}
+            if flops_per_img:
+                record["tflops_per_gpu"] = img_per_s * flops_per_img / strategy.info.world_size / 1e12
+                record["mfu"] = record["tflops_per_gpu"] / peak_tflops
             if log is not None:
                 log.write(record)
                 print_status(status_line(record, run.steps))
             sums.zero_()
             t_window = time.perf_counter()
-        if step % run.ckpt_every == 0 or step == run.steps:
+        stop = guard.stop_requested()  # preemption/timeout signal on any rank (all ranks get the same answer)
+        if step % run.ckpt_every == 0 or step == run.steps or stop:
             checkpoint(step)
+        if stop and step < run.steps:
+            guard.stop(step, run.dir)  # requeue the job (or exit with how to resume); the next one resumes here
 
     if strategy.is_main:
         plot_loss(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "loss.png")

@@ -61,8 +61,9 @@ def test_loss_decreases_and_run_dir_contents(tmp_path):
     train(make_cfg(tmp_path, "run.steps=40", "optim.lr=2e-3"))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 41))
-    for key in ("step", "nimg", "loss", "lr", "grad_norm", "img_per_s", "step_time_s"):
+    for key in ("step", "nimg", "loss", "lr", "grad_norm", "img_per_s", "step_time_s", "tflops_per_gpu", "mfu"):
         assert key in records[0]
+    assert 0 < records[-1]["mfu"] < 1
     assert records[-1]["nimg"] == 40 * 16
     first, last = np.mean([r["loss"] for r in records[:5]]), np.mean([r["loss"] for r in records[-5:]])
     assert last < 0.7 * first, (first, last)
