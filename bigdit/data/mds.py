@@ -18,42 +18,34 @@ from typing import Any
 
 import numpy as np
 
-from bigdit.data.schema import MDS_COLUMNS, check_key
-from bigdit.data.wds import ShardError, ShardLoader
-
-SUFFIX = ""
-
+from bigdit.data.schema import MDS_COLUMNS, check_key, fetch
+from bigdit.data.wds import ShardError, ShardLoader, _check_count
 
 class Writer:
     """Writes one MDS shard directory to ``<name>.tmp/`` and renames it to ``<name>/`` on :meth:`close`."""
 
-    def __init__(self, root: str | Path, name: str, columns: list[str] | None = None):
-        import bigdit  # noqa: F401  (torchvision shim before streaming)
-        from streaming import MDSWriter
-
+    def __init__(self, root: str | Path, name: str):
         self.path = Path(root) / name
         self.tmp = Path(root) / f"{name}.tmp"
         shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier attempt
-        self.columns = columns
+        self.columns: list[str] = []
         self._writer = None
-        self._mds_writer = MDSWriter
         self.count = 0
-        self.bytes = 0
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample (see :mod:`bigdit.data.schema`); the first sample fixes the columns."""
         check_key(sample["key"])
         row = {k: v for k, v in sample.items() if k in MDS_COLUMNS and v is not None}
         if self._writer is None:
-            names = self.columns or list(row)
-            self._writer = self._mds_writer(out=str(self.tmp), columns={k: MDS_COLUMNS[k] for k in names},
-                                            size_limit=1 << 31)
-            self.columns = names
+            from streaming import MDSWriter
+
+            self.columns = list(row)
+            self._writer = MDSWriter(out=str(self.tmp), columns={k: MDS_COLUMNS[k] for k in self.columns},
+                                     size_limit=1 << 31)
         missing = [c for c in self.columns if c not in row]
         if missing:
             raise ValueError(f"sample {sample['key']!r} lacks {missing}: every sample of a shard needs the same fields")
         self._writer.write({c: row[c] for c in self.columns})
-        self.bytes += sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray))
         self.count += 1
 
     def close(self) -> Path:
@@ -73,6 +65,13 @@ class Writer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def fetch_shard(remote: str, root: str | Path, name: str) -> None:
+    """Cache shard directory ``name`` of a remote dataset under ``root`` (its index first, then its files)."""
+    index = json.loads(fetch(remote, root, f"{name}/index.json").read_text())
+    for obj in index["shards"]:
+        fetch(remote, root, f"{name}/{obj['raw_data']['basename']}")
+
+
 def exists(root: str | Path, name: str) -> bool:
     """Whether shard ``name`` was completed (the directory gets its final name only once it is whole)."""
     return (Path(root) / name / "index.json").is_file()
@@ -83,8 +82,9 @@ def shard_bytes(root: str | Path, name: str) -> int:
     return sum(p.stat().st_size for p in (Path(root) / name).iterdir())
 
 
-def read_shard(root: str | Path, name: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of shard ``name``, in stored order; :class:`ShardError` names the shard and key."""
+def read_shard(root: str | Path, name: str, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded samples of shard ``name``, in stored order; :class:`ShardError` names the shard and key
+    (also when it holds other than ``expected`` samples)."""
     from streaming.base.format import reader_from_json
 
     d = Path(root) / name
@@ -92,6 +92,8 @@ def read_shard(root: str | Path, name: str) -> Iterator[dict[str, Any]]:
         index = json.loads((d / "index.json").read_text())
     except (OSError, ValueError) as e:
         raise ShardError(f"{d}: unreadable MDS index ({e})") from e
+    n = 0
+    key = None
     for obj in index["shards"]:
         reader = reader_from_json(str(d), None, obj)
         path = d / obj["raw_data"]["basename"]
@@ -99,18 +101,19 @@ def read_shard(root: str | Path, name: str) -> Iterator[dict[str, Any]]:
             raw = path.read_bytes()
         except OSError as e:
             raise ShardError(f"{path}: cannot read shard ({e})") from e
-        n = obj["samples"]
-        if len(raw) != obj["raw_data"]["bytes"] or len(raw) < 4 * (n + 2):
+        count = obj["samples"]
+        if len(raw) != obj["raw_data"]["bytes"] or len(raw) < 4 * (count + 2):
             raise ShardError(f"{path}: truncated shard ({len(raw)} of {obj['raw_data']['bytes']} bytes)")
-        offsets = np.frombuffer(raw, np.uint32, n + 1, offset=4)
-        key = None
-        for i in range(n):
+        offsets = np.frombuffer(raw, np.uint32, count + 1, offset=4)
+        for i in range(count):
             try:
                 sample = reader.decode_sample(raw[offsets[i] : offsets[i + 1]])
             except Exception as e:  # any decoding failure means corrupt bytes
                 raise ShardError(f"{path}: corrupt sample {i} after key {key!r} ({e})") from e
             key = sample.get("key")
+            n += 1
             yield sample
+    _check_count(d, n, expected, key)
 
 
 class MdsLoader(ShardLoader):
@@ -124,9 +127,6 @@ class MdsLoader(ShardLoader):
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()
-
-    def _read(self, name: str) -> Iterator[dict[str, Any]]:
-        return read_shard(self.root, name)
 
 
 def merge_index(root: str | Path, names: list[str]) -> Path:

@@ -74,7 +74,7 @@ class Manifest:
     latent_dtype: str = "float16"
     flip: bool = False                  # moments_flip stored
     classes: list[str] = field(default_factory=list)
-    text: dict[str, Any] | None = None  # {model, pretrained, layer, tokens, dim} once tools/cache_text.py ran
+    text: dict[str, Any] | None = None  # {model, pretrained, layer, tokens, dim, pooled_dim} (tools/cache_text.py)
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
     count: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)
@@ -101,7 +101,7 @@ class Manifest:
             out["moments_flip"] = (2 * c, h, w)
         if self.text is not None:
             out["clip_tokens"] = (int(self.text["tokens"]), int(self.text["dim"]))
-            out["clip_pooled"] = (int(self.text["dim"]),)
+            out["clip_pooled"] = (int(self.text.get("pooled_dim", self.text["dim"])),)
         return out
 
     def save(self, root: str | Path) -> Path:
@@ -149,17 +149,33 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy_array(data: bytes) -> np.ndarray:
-    """Inverse of :func:`npy_bytes`, without copying the payload."""
-    buf = io.BytesIO(data)
-    version = np.lib.format.read_magic(buf)
-    shape, fortran, dtype = np.lib.format._read_array_header(buf, version)  # public readers copy the data
-    if fortran:
-        raise SchemaError("fortran-ordered arrays are not part of the schema")
-    arr = np.frombuffer(data, dtype=dtype, offset=buf.tell())
-    if arr.size != int(np.prod(shape)):
-        raise SchemaError(f"truncated array: {arr.size} of {int(np.prod(shape))} values")
-    return arr.reshape(shape)
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def npy_array(data: bytes | memoryview) -> np.ndarray:
+    """Inverse of :func:`npy_bytes`, without copying the payload.
+
+    Parsed headers are cached by their bytes: every sample of a field has the same header, and parsing
+    it (a Python literal) would otherwise cost more than the rest of decoding.
+    """
+    data = memoryview(data)
+    if bytes(data[:6]) != b"\x93NUMPY" or len(data) < 10:
+        raise SchemaError("not an .npy array (bad magic)")
+    size_bytes = 2 if data[6] == 1 else 4
+    end = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+    header = bytes(data[:end])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        buf = io.BytesIO(header)
+        version = np.lib.format.read_magic(buf)
+        shape, fortran, dtype = np.lib.format._read_array_header(buf, version)  # public readers copy the data
+        if fortran:
+            raise SchemaError("fortran-ordered arrays are not part of the schema")
+        parsed = _NPY_HEADERS[header] = (dtype, shape, int(np.prod(shape)))
+    dtype, shape, count = parsed
+    if len(data) - end != count * dtype.itemsize:
+        raise SchemaError(f"truncated array: {(len(data) - end) // dtype.itemsize} of {count} values")
+    return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
 
 
 def validate_sample(sample: dict[str, Any], manifest: Manifest) -> list[str]:
@@ -182,3 +198,103 @@ def validate_sample(sample: dict[str, Any], manifest: Manifest) -> list[str]:
     if cls is not None and manifest.classes and not 0 <= int(cls) < manifest.num_classes:
         problems.append(f"cls={cls} outside 0..{manifest.num_classes - 1}")
     return problems
+
+
+def shard_io(fmt: str):
+    """The shard module of a format (``Writer``, ``read_shard``, ``exists``, ``shard_bytes``)."""
+    import importlib
+
+    if fmt not in ("wds", "mds"):
+        raise ValueError(f"format={fmt!r}: use wds (WebDataset tars) or mds (MosaicML Streaming)")
+    return importlib.import_module(f"bigdit.data.{fmt}")
+
+
+class ChannelStats:
+    """Running per-channel mean/std of latent means (float64 sums, mergeable across shards)."""
+
+    def __init__(self, n: int = 0, s: list[float] | None = None, ss: list[float] | None = None):
+        self.n = n
+        self.s = np.zeros(0) if s is None else np.asarray(s, np.float64)
+        self.ss = np.zeros(0) if ss is None else np.asarray(ss, np.float64)
+
+    def add(self, mean: np.ndarray) -> None:
+        """Add latent means (N, C, H, W)."""
+        x = mean.astype(np.float64)
+        if not self.s.size:
+            self.s, self.ss = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        self.n += x.shape[0] * x.shape[2] * x.shape[3]
+        self.s += x.sum((0, 2, 3))
+        self.ss += (x * x).sum((0, 2, 3))
+
+    def merge(self, other: ChannelStats) -> None:
+        if not self.s.size:
+            self.s, self.ss = np.zeros_like(other.s), np.zeros_like(other.ss)
+        self.n += other.n
+        self.s = self.s + other.s
+        self.ss = self.ss + other.ss
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "s": self.s.tolist(), "ss": self.ss.tolist()}
+
+    def summary(self) -> dict[str, list[float]]:
+        """Per-channel mean and std."""
+        mean = self.s / max(self.n, 1)
+        std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean**2, 0.0))
+        return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name and rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def finalize(root: str | Path, base: Manifest, names: list[str]) -> Manifest | None:
+    """Write ``manifest.json`` once every shard in ``names`` has its ``<name>.json`` record.
+
+    Shard records are written after the shard itself, so a record means a complete shard. Returns the
+    manifest, or None while other ranks are still working.
+    """
+    root = Path(root)
+    records = []
+    for name in names:
+        p = root / f"{name}.json"
+        if not p.is_file():
+            return None
+        records.append(json.loads(p.read_text()))
+    stats = ChannelStats()
+    for r in records:
+        stats.merge(ChannelStats(**r["stats"]))
+    shapes = {tuple(r["latent_shape"]) for r in records}
+    if len(shapes) != 1:
+        raise SchemaError(f"{root}: shards disagree on the latent shape {sorted(shapes)}; re-encode into an empty out")
+    base.latent_shape = list(shapes.pop())
+    base.shards = [{"name": n, "count": r["count"]} for n, r in zip(names, records)]
+    base.count = sum(r["count"] for r in records)
+    base.stats = stats.summary()
+    if base.format == "mds":
+        from bigdit.data.mds import merge_index
+
+        merge_index(root, names)
+    base.save(root)
+    return base
+
+
+def fetch(remote: str, root: str | Path, relpath: str) -> Path:
+    """Copy ``remote/relpath`` to ``root/relpath`` unless cached (any remote that MosaicML Streaming reads:
+    s3://, gs://, oci://, azure://, hf://, sftp://, or a plain path). Written under a per-process temporary
+    name and renamed, so ranks and workers sharing a cache never read a partial file."""
+    from streaming.base.storage.download import CloudDownloader
+
+    local = Path(root) / relpath
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.dl")
+        tmp.unlink(missing_ok=True)
+        try:
+            CloudDownloader.direct_download(f"{remote.rstrip('/')}/{relpath}", str(tmp))
+        except Exception as e:  # the cloud clients raise many types; name the file
+            raise OSError(f"cannot download {remote.rstrip('/')}/{relpath} to {local}: {e}") from e
+        os.replace(tmp, local)
+    return local

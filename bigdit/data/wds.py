@@ -18,6 +18,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 import warnings
@@ -30,7 +31,8 @@ import torch
 
 from bigdit.codec import LatentCodec
 from bigdit.data import BatchPlan, stream_seed
-from bigdit.data.schema import EXT_FIELD, WDS_EXT, Manifest, SchemaError, check_key, npy_array, npy_bytes
+from bigdit.data.schema import (EXT_FIELD, MANIFEST_NAME, WDS_EXT, Manifest, SchemaError, check_key, fetch,
+                                 npy_array, npy_bytes, shard_io)
 
 SUFFIX = ".tar"
 
@@ -56,7 +58,6 @@ class Writer:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._tar = tarfile.open(self.tmp, "w")
         self.count = 0
-        self.bytes = 0
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample (see :mod:`bigdit.data.schema`)."""
@@ -68,15 +69,12 @@ class Writer:
             if isinstance(value, np.ndarray):
                 data = npy_bytes(value)
             elif name == "json":
-                import json
-
                 data = json.dumps(value).encode()
             else:
                 data = str(value).encode()
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             self._tar.addfile(info, io.BytesIO(data))
-            self.bytes += len(data)
         self.count += 1
 
     def close(self) -> Path:
@@ -89,6 +87,11 @@ class Writer:
         """Drop the partial shard."""
         self._tar.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def fetch_shard(remote: str, root: str | Path, name: str) -> None:
+    """Cache shard ``name`` of a remote dataset under ``root``."""
+    fetch(remote, root, f"{name}{SUFFIX}")
 
 
 def exists(root: str | Path, name: str) -> bool:
@@ -104,22 +107,69 @@ def shard_bytes(root: str | Path, name: str) -> int:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _decode_member(field: str, data: bytes) -> Any:
+def _decode_member(field: str, data: memoryview) -> Any:
     if field in ("moments", "moments_flip", "clip_tokens", "clip_pooled"):
         return npy_array(data)
     if field == "cls":
-        return int(data)
+        return int(bytes(data))
     if field == "json":
-        import json
-
-        return json.loads(data)
-    return data.decode()
+        return json.loads(bytes(data))
+    return bytes(data).decode()
 
 
-def read_shard(root: str | Path, name: str) -> Iterator[dict[str, Any]]:
+def _tar_files(raw: bytes, path: Path) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of the regular files of an in-memory tar, checking header checksums and the end marker.
+
+    A hand-rolled reader: ``tarfile`` costs more than decoding the samples, and it reads a tar cut at a
+    member boundary as a clean end, where the missing end-of-archive marker says it is truncated.
+    """
+    view = memoryview(raw)
+    off, n = 0, len(raw)
+    long_name = None
+    while off + 512 <= n:
+        header = raw[off : off + 512]
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            checksum = int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            raise ShardError(f"{path}: corrupt tar header at byte {off}") from None
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardError(f"{path}: corrupt tar header at byte {off} (checksum)")
+        start = off + 512
+        if start + size > n:
+            raise ShardError(f"{path}: truncated at byte {n}, inside a {size}-byte member")
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # GNU long name / pax header: the next member's path
+            body = raw[start : start + size]
+            if kind == b"L":
+                long_name = body.rstrip(b"\0").decode()
+            else:
+                for rec in body.decode().splitlines():
+                    if " path=" in rec:
+                        long_name = rec.split(" path=", 1)[1]
+        elif kind in (b"0", b"\0", b"7"):
+            name = long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode()
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = f"{prefix.decode()}/{name}"
+            long_name = None
+            yield name, view[start : start + size]
+        off = start + (size + 511) // 512 * 512
+    raise ShardError(f"{path}: truncated (no end-of-archive marker after byte {off})")
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def read_shard(root: str | Path, name: str, expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of shard ``name``, in stored order.
 
-    Raises :class:`ShardError` naming the shard and the last key for truncated or undecodable data.
+    Raises :class:`ShardError` naming the shard and the last key for truncated or undecodable data, and
+    when the shard holds other than ``expected`` samples.
     """
     path = Path(root) / f"{name}{SUFFIX}"
     try:
@@ -128,31 +178,32 @@ def read_shard(root: str | Path, name: str) -> Iterator[dict[str, Any]]:
         raise ShardError(f"{path}: cannot read shard ({e})") from e
     sample: dict[str, Any] = {}
     key = None
+    n = 0
     try:
-        # Parsing from memory: one read per shard, and tarfile's stream mode keeps no member index.
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    if sample:
-                        yield sample
-                    key, sample = k, {"key": k}
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise ShardError(f"{path}: truncated shard at sample {key!r} ({base})")
-                field = EXT_FIELD.get(ext)
-                if field is not None:
-                    try:
-                        sample[field] = _decode_member(field, data)
-                    except (ValueError, SchemaError) as e:
-                        raise ShardError(f"{path}: sample {key!r}: cannot decode {base}: {e}") from e
-    except tarfile.TarError as e:
-        raise ShardError(f"{path}: corrupt or truncated shard after sample {key!r} ({e})") from e
+        for member, data in _tar_files(raw, path):
+            base = member.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key:
+                if sample:
+                    yield sample
+                key, sample = k, {"key": k}
+                n += 1
+            field = EXT_FIELD.get(ext)
+            if field is not None:
+                try:
+                    sample[field] = _decode_member(field, data)
+                except (ValueError, UnicodeDecodeError, SchemaError) as e:
+                    raise ShardError(f"{path}: sample {key!r}: cannot decode {base}: {e}") from e
+    except ShardError as e:
+        raise ShardError(f"{e} (after sample {key!r})") from e
     if sample:
         yield sample
+    _check_count(path, n, expected, key)
+
+
+def _check_count(path: Path, n: int, expected: int | None, key: str | None) -> None:
+    if expected is not None and n != expected:
+        raise ShardError(f"{path}: truncated shard: {n} of {expected} samples, the last one {key!r}")
 
 
 # ------------------------------------------------------------------------------------------- the loader
@@ -171,245 +222,250 @@ def _check_sample(sample: dict[str, Any], shapes: dict[str, tuple[int, ...]], ne
     return None
 
 
-class _Streams(torch.utils.data.IterableDataset):
-    """The worker streams of one rank for one epoch, starting at micro-batch ``start`` of the epoch.
+class ShardStreams:
+    """The stream layout of one rank and the reading of its (rank, worker) streams.
 
-    DataLoader worker ``i`` plays logical stream ``(i + start) % streams``: the DataLoader takes its first
-    batch from worker 0, and the rank's micro-batch ``start`` belongs to stream ``start % streams``.
+    Holds no iterator state, so it pickles into DataLoader workers and no reference cycle keeps a
+    loader's worker processes alive (their shutdown then happens promptly, not in the garbage collector).
     """
 
-    def __init__(self, loader: ShardLoader, epoch: int, start: int):
-        self.loader = loader
-        self.epoch = epoch
-        self.start = start
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        ld = self.loader
-        if info is None and ld.streams > 1:
-            # In-process: interleave the logical streams the way the DataLoader interleaves workers.
-            its = [ld._stream_batches(self.epoch, (i + self.start) % ld.streams, self.start)
-                   for i in range(ld.streams)]
-            while its:
-                for it in list(its):
-                    try:
-                        yield next(it)
-                    except StopIteration:
-                        its.remove(it)
-            return
-        yield from ld._stream_batches(self.epoch, (worker + self.start) % ld.streams, self.start)
-
-
-class ShardLoader:
-    """Training loader over a shard directory (see the module docstring for the stream it reads).
-
-    ``num_workers`` DataLoader processes read and decode shards (0: in the training process, with the
-    same sample order as one worker); ``prefetch_factor`` micro-batches are queued per worker. Latents
-    are sampled in the training process by :class:`bigdit.codec.LatentCodec` with a generator seeded by
-    ``(seed, rank, micro-batch position)``, so they do not depend on worker timing either.
-    """
-
-    format = "wds"
-
-    def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
-                 prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool = False):
-        self.root = str(root)
-        self.manifest = Manifest.load(self.root)
-        if self.manifest.format != self.format:
-            raise SchemaError(f"{self.root} holds {self.manifest.format} shards: use data={self.manifest.format}")
-        self.plan, self.rank, self.seed = plan, rank, int(seed)
-        self.num_workers = int(num_workers)
-        self.streams = max(1, self.num_workers)
-        self.prefetch_factor = int(prefetch_factor)
-        self.shuffle, self.skip_bad_samples, self.pin_memory = shuffle, skip_bad_samples, pin_memory
-        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
-        self.sample_shape = tuple(self.manifest.latent_shape)
-        self.num_classes = self.manifest.num_classes
-        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
-        self._shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or flip}
-        self._counts = np.array([s["count"] for s in self.manifest.shards], dtype=np.int64)
-        n_streams = plan.world_size * self.streams
-        if len(self._counts) < n_streams:
-            raise ValueError(f"{self.root} has {len(self._counts)} shards but {plan.world_size} rank(s) x "
-                             f"{self.streams} worker(s) need at least {n_streams}: lower data.num_workers "
-                             f"or re-encode with a smaller shard_size")
+    def __init__(self, root: str, fmt: str, manifest: Manifest, world_size: int, rank: int, streams: int,
+                 micro_batch: int, seed: int, shuffle: bool, skip_bad_samples: bool, shapes: dict[str, tuple],
+                 codec: LatentCodec, remote: str | None = None):
+        self.root, self.fmt, self.world_size, self.rank, self.streams = root, fmt, world_size, rank, streams
+        self.codec, self.remote = codec, remote
+        self.micro_batch, self.seed, self.shuffle, self.skip_bad_samples = micro_batch, seed, shuffle, skip_bad_samples
+        self.shapes = shapes
+        self.names = [s["name"] for s in manifest.shards]
+        self.counts = np.array([s["count"] for s in manifest.shards], dtype=np.int64)
+        self.need_cls = bool(manifest.classes)
         self._epoch_batches: dict[int, int] = {}
-        self._it: Iterator[dict[str, Any]] | None = None
-        self._pos = -1  # micro-batch position the live iterator yields next
-        #: samples skipped as bad (data.skip_bad_samples=true), summed over this process's workers
-        self.bad_samples = 0
 
-    # -- the stream layout
-
-    def _shards_of(self, epoch: int, rank: int, stream: int) -> np.ndarray:
-        n = len(self._counts)
-        order = (np.random.default_rng(stream_seed(self.seed, epoch)).permutation(n) if self.shuffle
-                 else np.arange(n))
-        return order[rank :: self.plan.world_size][stream :: self.streams]
+    def shards_of(self, epoch: int, rank: int, stream: int) -> np.ndarray:
+        """Shard indices read by ``(rank, stream)`` in ``epoch``, in reading order."""
+        n = len(self.counts)
+        order = np.random.default_rng(stream_seed(self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return order[rank :: self.world_size][stream :: self.streams]
 
     def batches_per_stream(self, epoch: int) -> int:
         """Micro-batches every (rank, worker) stream yields in ``epoch`` (the minimum over all of them)."""
         if epoch not in self._epoch_batches:
-            least = min(int(self._counts[self._shards_of(epoch, r, s)].sum())
-                        for r in range(self.plan.world_size) for s in range(self.streams))
-            self._epoch_batches[epoch] = least // self.plan.micro_batch
-            if self._epoch_batches[epoch] == 0:
+            least = min(int(self.counts[self.shards_of(epoch, r, s)].sum())
+                        for r in range(self.world_size) for s in range(self.streams))
+            if least < self.micro_batch:
                 raise ValueError(f"{self.root}: a worker stream holds {least} samples, fewer than one micro-batch "
-                                 f"of {self.plan.micro_batch}: use fewer workers or ranks, or more data")
+                                 f"of {self.micro_batch}: use fewer workers or ranks, or more data")
+            self._epoch_batches[epoch] = least // self.micro_batch
         return self._epoch_batches[epoch]
 
-    def _locate(self, pos: int) -> tuple[int, int]:
-        """(epoch, micro-batch within the epoch) of this rank's micro-batch ``pos``."""
+    def epoch_start(self, epoch: int) -> int:
+        """A rank's micro-batch position where ``epoch`` begins."""
+        return sum(self.streams * self.batches_per_stream(e) for e in range(epoch))
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(epoch, micro-batch within the epoch) of a rank's micro-batch ``pos``."""
         epoch = 0
         while pos >= (per := self.streams * self.batches_per_stream(epoch)):
             pos -= per
             epoch += 1
         return epoch, pos
 
-    def _stream_batches(self, epoch: int, stream: int, start: int) -> Iterator[dict[str, Any]]:
-        """Stream ``stream``'s micro-batches of ``epoch``, from the first one at or after epoch batch ``start``."""
-        m = self.plan.micro_batch
+    def batches(self, epoch: int, stream: int, start: int) -> Iterator[dict[str, Any]]:
+        """Stream ``stream``'s micro-batches of ``epoch`` that come at or after the rank's epoch batch ``start``."""
+        m = self.micro_batch
         total = self.batches_per_stream(epoch)
         done = max(0, (start - stream + self.streams - 1) // self.streams)  # its batches before ``start``
-        if done >= total:
-            return
         skip = done * m
-        shards = self._shards_of(epoch, self.rank, stream)
+        shards = self.shards_of(epoch, self.rank, stream)
+        first = self.epoch_start(epoch) + stream  # position of this stream's batch 0 of the epoch
         buf: list[dict[str, Any]] = []
         bad = 0
         emitted = done
-        need_cls = bool(self.manifest.classes)
         lap = 0
         while emitted < total:
             kept = 0
             for shard in shards:
-                count = int(self._counts[shard])
-                if lap == 0 and skip >= count:  # whole shards before the resume point are not read
-                    skip -= count
+                if lap == 0 and skip >= self.counts[shard]:  # whole shards before the resume point are not read
+                    skip -= int(self.counts[shard])
                     continue
                 for sample in self._shard_samples(epoch, int(shard)):
-                    if isinstance(sample, ShardError):
-                        bad += 1
-                        continue
-                    problem = _check_sample(sample, self._shapes, need_cls)
-                    if problem is not None:
-                        name = self.manifest.shards[shard]["name"]
+                    if not isinstance(sample, ShardError):
+                        problem = _check_sample(sample, self.shapes, self.need_cls)
+                        if problem is None:
+                            if skip:
+                                skip -= 1
+                                continue
+                            buf.append(sample)
+                            kept += 1
+                            if len(buf) == m:
+                                yield self._collate(buf, bad, first + emitted * self.streams)
+                                buf, bad = [], 0
+                                emitted += 1
+                                if emitted == total:
+                                    return
+                            continue
                         if not self.skip_bad_samples:
-                            raise ShardError(f"{self.root}/{name}: sample {sample.get('key')!r}: {problem} "
-                                             f"(data.skip_bad_samples=true skips such samples)")
-                        bad += 1
-                        continue
-                    if skip:
-                        skip -= 1
-                        continue
-                    buf.append(sample)
-                    kept += 1
-                    if len(buf) == m:
-                        yield self._collate(buf, bad)
-                        buf, bad = [], 0
-                        emitted += 1
-                        if emitted == total:
-                            return
+                            raise ShardError(f"{self.root}/{self.names[shard]}: sample {sample.get('key')!r}: "
+                                             f"{problem} (data.skip_bad_samples=true skips such samples)")
+                    bad += 1
             # Only reached when skipped bad samples left the stream short: repeat its shards from the
             # start so every rank still yields the same number of batches (no DDP hang).
             lap += 1
             if lap > 1 and kept == 0:
                 raise ShardError(f"{self.root}: no readable samples in the shards of worker stream {stream}")
 
-    def _shard_samples(self, epoch: int, shard: int) -> Iterator[dict[str, Any] | ShardError]:
+    def _shard_samples(self, epoch: int, shard: int) -> list[dict[str, Any] | ShardError]:
         """Samples of one shard in this epoch's order; with skip_bad_samples, errors come back as values."""
-        name = self.manifest.shards[shard]["name"]
-        samples = []
+        samples: list[dict[str, Any] | ShardError] = []
+        if self.remote:  # fetched by the worker that reads it, just before reading
+            shard_io(self.fmt).fetch_shard(self.remote, self.root, self.names[shard])
         try:
-            for s in self._read(name):
-                samples.append(s)
+            samples.extend(shard_io(self.fmt).read_shard(self.root, self.names[shard], int(self.counts[shard])))
         except ShardError as e:
             if not self.skip_bad_samples:
                 raise ShardError(f"{e} (data.skip_bad_samples=true skips bad samples and shards)") from e
-            missing = int(self._counts[shard]) - len(samples)
-            samples.extend([e] * max(missing, 1))
+            samples.extend([e] * max(int(self.counts[shard]) - len(samples), 1))
         if self.shuffle:
             order = np.random.default_rng(stream_seed(self.seed, epoch, shard)).permutation(len(samples))
             samples = [samples[i] for i in order]
-        yield from samples
+        return samples
 
-    def _read(self, name: str) -> Iterator[dict[str, Any]]:
-        return read_shard(self.root, name)
-
-    def _collate(self, samples: list[dict[str, Any]], bad: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": [s["key"] for s in samples], "bad": bad,
-                               "moments": torch.from_numpy(np.stack([s["moments"] for s in samples]))}
-        out["y"] = torch.tensor([s.get("cls", -1) for s in samples], dtype=torch.int64)
-        if "moments_flip" in self._shapes:
-            out["moments_flip"] = torch.from_numpy(np.stack([s["moments_flip"] for s in samples]))
-        if "clip_tokens" in self._shapes:
-            out["clip_tokens"] = torch.from_numpy(np.stack([s["clip_tokens"] for s in samples]))
-            out["clip_pooled"] = torch.from_numpy(np.stack([s["clip_pooled"] for s in samples]))
+    def _collate(self, samples: list[dict[str, Any]], bad: int, pos: int) -> dict[str, Any]:
+        """The micro-batch at rank position ``pos``, latents sampled here (in the worker) from a generator
+        seeded by ``(seed, rank, pos)``: the training process only receives ``x``."""
+        arrays = {name: torch.from_numpy(np.stack([s[name] for s in samples])) for name in self.shapes}
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, pos, 7))
+        out: dict[str, Any] = {"key": [s["key"] for s in samples], "bad": bad, "pos": pos,
+                               "x": self.codec.sample(arrays["moments"], arrays.get("moments_flip"), generator=g),
+                               "y": torch.tensor([s.get("cls", -1) for s in samples], dtype=torch.int64)}
+        if "clip_tokens" in arrays:  # kept float16 as stored: half the copy; the model casts
+            out["clip_tokens"], out["clip_pooled"] = arrays["clip_tokens"], arrays["clip_pooled"]
         return out
 
-    # -- iteration
 
-    def _raw_batches(self, pos: int) -> Iterator[dict[str, Any]]:
-        """This rank's raw (undecoded-latent) micro-batches from position ``pos`` on, across epochs."""
-        epoch, start = self._locate(pos)
-        while True:
-            ds = _Streams(self, epoch, start)
-            if self.num_workers == 0:
-                yield from iter(ds)
-            else:
-                dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                 prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                                 persistent_workers=False, in_order=True)
-                yield from dl
-            epoch, start = epoch + 1, 0
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """One rank's streams for one epoch from micro-batch ``start`` on.
+
+    DataLoader worker ``i`` plays logical stream ``(i + start) % streams``: the DataLoader takes its first
+    batch from worker 0, and the rank's micro-batch ``start`` belongs to stream ``start % streams``.
+    """
+
+    def __init__(self, streams: ShardStreams, epoch: int, start: int):
+        self.streams, self.epoch, self.start = streams, epoch, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        yield from self.streams.batches(self.epoch, (worker + self.start) % self.streams.streams, self.start)
+
+
+def _raw_batches(streams: ShardStreams, pos: int, num_workers: int, prefetch_factor: int,
+                 pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """A rank's raw micro-batches from position ``pos`` on, across epochs (one DataLoader per epoch)."""
+    epoch, start = streams.locate(pos)
+    while True:
+        ds = _EpochDataset(streams, epoch, start)
+        if num_workers == 0:
+            yield from ds
+        else:
+            yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                                   prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+        epoch, start = epoch + 1, 0
+
+
+class ShardLoader:
+    """Training loader over a shard directory (see the module docstring for the stream it reads).
+
+    ``root`` is the shard directory, or with ``remote`` (s3://, gs://, ..., or a path) the local cache
+    that the manifest and each shard are copied to before they are first read (the cache is not evicted).
+    ``num_workers`` DataLoader processes per rank read and decode shards and sample the latents with
+    :class:`bigdit.codec.LatentCodec` (0: all in the training process, with the sample order of one
+    worker); ``prefetch_factor`` micro-batches are queued per worker. The latent noise and flip choices
+    come from a generator seeded by ``(seed, rank, micro-batch position)``, so they do not depend on
+    which worker made a batch or when.
+    """
+
+    format = "wds"
+
+    def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
+                 prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
+                 skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
+        self.root = str(root)
+        if remote:
+            fetch(remote, self.root, MANIFEST_NAME)
+        self.manifest = Manifest.load(self.root)
+        if self.manifest.format != self.format:
+            raise SchemaError(f"{self.root} holds {self.manifest.format} shards: use data={self.manifest.format}")
+        self.plan, self.rank, self.seed = plan, rank, int(seed)
+        self.num_workers, self.prefetch_factor, self.pin_memory = int(num_workers), int(prefetch_factor), pin_memory
+        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
+        self.sample_shape = tuple(self.manifest.latent_shape)
+        self.num_classes = self.manifest.num_classes
+        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
+        shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
+        self.streams = ShardStreams(self.root, self.format, self.manifest, plan.world_size, rank,
+                                    max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,
+                                    shapes, self.codec, remote)
+        needed = plan.world_size * self.streams.streams
+        if len(self.manifest.shards) < needed:
+            raise ValueError(f"{self.root} has {len(self.manifest.shards)} shards but {plan.world_size} rank(s) x "
+                             f"{self.streams.streams} worker(s) need at least {needed}: lower data.num_workers "
+                             f"or re-encode with a smaller shard_size")
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._pos = 0  # micro-batch position the live iterator yields next
+        #: samples skipped as bad (data.skip_bad_samples=true), counted on this rank
+        self.bad_samples = 0
+
+    def batches_per_stream(self, epoch: int) -> int:
+        """Micro-batches each worker stream yields in ``epoch``; a rank's epoch is ``streams`` times that."""
+        return self.streams.batches_per_stream(epoch)
 
     def raw_micro_batches(self, step: int) -> Iterator[dict[str, Any]]:
-        """This rank's micro-batches of ``step`` before latent sampling (keys, moments, labels)."""
+        """This rank's micro-batches of ``step`` with their bookkeeping: ``key`` (sample keys), ``pos``
+        (micro-batch position) and ``bad`` (samples skipped before it) besides the training fields."""
         pos = step * self.plan.accum_steps
         if self._it is None or self._pos != pos:
-            self._it = self._raw_batches(pos)
+            self.close()
+            self._it = _raw_batches(self.streams, pos, self.num_workers, self.prefetch_factor, self.pin_memory)
         for _ in range(self.plan.accum_steps):
             batch = next(self._it)
-            self._pos = pos + 1
-            self.bad_samples += batch["bad"]
+            if batch["pos"] != pos:  # the interleaving invariant of the module docstring
+                raise RuntimeError(f"{self.root}: micro-batch {batch['pos']} arrived at position {pos}")
+            self._pos = pos = pos + 1
             if batch["bad"]:
+                self.bad_samples += batch["bad"]
                 warnings.warn(f"{self.root}: skipped {batch['bad']} bad sample(s) ({self.bad_samples} so far)",
                               stacklevel=2)
             yield batch
-            pos += 1
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
-        plus ``clip_tokens``/``clip_pooled`` (float32) when the shards carry text embeddings."""
-        for i, raw in enumerate(self.raw_micro_batches(step)):
-            pos = step * self.plan.accum_steps + i
-            g = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, pos, 7))
-            out = {"x": self.codec.sample(raw["moments"], raw.get("moments_flip"), generator=g), "y": raw["y"]}
-            if "clip_tokens" in raw:
-                out["clip_tokens"] = raw["clip_tokens"].float()
-                out["clip_pooled"] = raw["clip_pooled"].float()
-            yield out
+        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings."""
+        for raw in self.raw_micro_batches(step):
+            yield {k: v for k, v in raw.items() if k not in ("key", "pos", "bad")}
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is dropped)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
     def state_dict(self) -> dict[str, Any]:
         """Global progress: the micro-batch position (the same on every rank) and the stream layout."""
-        return {"format": self.format, "position": max(self._pos, 0), "world_size": self.plan.world_size,
-                "streams": self.streams, "micro_batch": self.plan.micro_batch, "seed": self.seed,
-                "bad_samples": self.bad_samples}
+        return {"format": self.format, "position": self._pos, "world_size": self.plan.world_size,
+                "streams": self.streams.streams, "micro_batch": self.plan.micro_batch, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check the layout; the position itself follows from the step the loop resumes at."""
         if not state:
             return
-        layout = {k: state.get(k) for k in ("world_size", "streams", "micro_batch", "seed")}
-        now = {"world_size": self.plan.world_size, "streams": self.streams, "micro_batch": self.plan.micro_batch,
-               "seed": self.seed}
-        if layout != now:
-            warnings.warn(f"resuming {self.root} with stream layout {now} instead of {layout}: the data order "
-                          f"changes, so the rest of the epoch is not the one an uninterrupted run would see",
+        saved = {k: state.get(k) for k in ("world_size", "streams", "micro_batch", "seed")}
+        now = {"world_size": self.plan.world_size, "streams": self.streams.streams,
+               "micro_batch": self.plan.micro_batch, "seed": self.seed}
+        if saved != now:
+            warnings.warn(f"resuming {self.root} with stream layout {now} instead of {saved}: the data order "
+                          f"changes, so the rest of the run does not see what an uninterrupted run would",
                           stacklevel=2)
-        self.bad_samples = int(state.get("bad_samples", 0))
 
 
 class WdsLoader(ShardLoader):
