@@ -21,17 +21,17 @@ def _param_shapes(model_cfg: DictConfig) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters()}
 
 
-def _zero3_ema(ckpt_dir: Path, model_cfg: DictConfig) -> dict[str, torch.Tensor]:
+def consolidate_zero3_partitions(ckpt_dir: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Reassemble ZeRO-3 EMA partitions: each parameter is flattened, padded to a multiple of the world
     size and split evenly, rank r holding the r-th slice (DeepSpeed's ``ds_tensor`` layout)."""
-    files = sorted(ckpt_dir.glob("ema_rank*.pt"))
+    files = sorted(Path(ckpt_dir).glob("ema_rank*.pt"))
     parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    world = parts[0]["world_size"]
-    if len(parts) != world:
-        raise FileNotFoundError(f"{ckpt_dir} holds {len(parts)} EMA partition files for {world} ranks")
+    world = parts[0]["world_size"] if parts else 0
+    if not parts or len(parts) != world:
+        raise FileNotFoundError(f"{ckpt_dir} holds {len(parts)} ZeRO-3 EMA partition files for {world} ranks")
     out = {}
-    for name, shape in _param_shapes(model_cfg).items():
-        flat = torch.cat([p["ema"][name].reshape(-1) for p in parts])
+    for name, shape in shapes.items():
+        flat = torch.cat([p["ema"][name].reshape(-1).float().cpu() for p in parts])
         out[name] = flat[: shape.numel()].view(shape).clone()
     return out
 
@@ -61,5 +61,5 @@ def consolidated_weights(ckpt_dir: str | Path, model_cfg: DictConfig, which: str
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed"))
         if (ckpt_dir / "ema.pt").is_file():
             return dict(torch.load(ckpt_dir / "ema.pt", map_location="cpu", weights_only=False)["ema"])
-        return _zero3_ema(ckpt_dir, model_cfg)
+        return consolidate_zero3_partitions(ckpt_dir, _param_shapes(model_cfg))
     raise FileNotFoundError(f"{ckpt_dir} is not a bigdit checkpoint (no state.pt, DCP .metadata or deepspeed/)")

@@ -182,7 +182,7 @@ def test_make_demo_runs_the_whole_job(tmp_path):
     """`make demo`'s wiring (2-process training, sampling, scoring) on a few steps."""
     demo_dir = tmp_path / "demo"
     proc = subprocess.run(
-        ["make", "--no-print-directory", "demo", f"DEMO_DIR={demo_dir}",
+        ["make", "--no-print-directory", "demo", f"DEMO_DIR={demo_dir}", f"DEMO_DATA={tmp_path / 'shards'}",
          "DEMO_ARGS=run.steps=3 model.depth=1 model.hidden_size=32 model.num_heads=2",
          "SAMPLE_ARGS=per_class=2 steps=4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -192,6 +192,7 @@ def test_make_demo_runs_the_whole_job(tmp_path):
     for name in ("samples/grid.png", "samples/samples.npz", "metrics.jsonl", "loss.png", "eval.json"):
         assert (demo_dir / name).is_file(), name
     assert json.loads((demo_dir / "eval.json").read_text())["samples"] == 20
+    assert (tmp_path / "shards" / "manifest.json").is_file()  # trained from the encoded shards
 
 
 @pytest.mark.parametrize("option", ["run.activation_checkpointing=true", "run.compile=true"])

@@ -21,6 +21,7 @@ from bigdit.engine.base import OptimizerFactory, Strategy
 
 EXTRA_FILE = "extra.pt"
 TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed_universal"
 
 
 def _disable_cpu_shm_comm_build() -> None:
@@ -135,15 +136,56 @@ class DeepSpeedStrategy(Strategy):
         if not (directory / TAG).is_dir() or not (directory / EXTRA_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/ or {EXTRA_FILE}); "
                                     f"it was written by another strategy: resume with that strategy")
-        ema_path = directory / self._ema_file()
-        if not ema_path.is_file():
-            raise FileNotFoundError(f"{ema_path} is missing: the checkpoint was written with another ZeRO stage "
-                                    f"or world size; resume with the original strategy.zero_stage and ranks")
-        saved = torch.load(ema_path, map_location=self.device, weights_only=False)
-        if saved["world_size"] != self.info.world_size and self.zero_stage == 3:
-            raise ValueError(f"{directory} was written by {saved['world_size']} ranks under ZeRO-3; resuming on "
-                             f"{self.info.world_size} needs the same number of ranks")
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
+        # Rank 0's EMA file exists whatever the world size now is; it records the world size it was saved with.
+        first = directory / ("ema_rank00000.pt" if self.zero_stage == 3 else "ema.pt")
+        if not first.is_file():
+            raise FileNotFoundError(f"{first} is missing: the checkpoint was written with another ZeRO stage; "
+                                    f"resume with the original strategy.zero_stage")
+        saved_world = torch.load(first, map_location="cpu", weights_only=False)["world_size"]
+        tag, ema = TAG, None
+        if saved_world != self.info.world_size:
+            tag = self._to_universal(directory)
+            if self.zero_stage == 3:
+                ema = self._repartition_ema(directory)
+        if ema is None:
+            ema = torch.load(directory / self._ema_file(), map_location=self.device, weights_only=False)["ema"]
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {directory / TAG}")
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False), saved["ema"]
+            raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False), ema
+
+    def _to_universal(self, directory: Path) -> str:
+        """Convert the checkpoint to DeepSpeed's universal format (once, atomically, by rank 0) and switch
+        the engine to loading it: the way ZeRO state moves to another number of ranks."""
+        if self.is_main and not (directory / UNIVERSAL_TAG).is_dir():
+            import shutil
+            import sys
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = directory / f".tmp-{UNIVERSAL_TAG}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(directory / TAG), "--output_folder",
+                                        str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                                        "--inject_missing_state"]
+            try:
+                ds_to_universal.main(ds_to_universal.parse_arguments())
+            finally:
+                sys.argv = argv
+            os.replace(tmp, directory / UNIVERSAL_TAG)
+        self.barrier()
+        self.engine._config.load_universal_checkpoint = True
+        return UNIVERSAL_TAG
+
+    def _repartition_ema(self, directory: Path) -> dict[str, torch.Tensor]:
+        """This rank's ZeRO-3 EMA partitions for the current world size, from the saved ones."""
+        from bigdit.export import consolidate_zero3_partitions
+
+        full = consolidate_zero3_partitions(directory, {n: p.ds_shape for n, p in self.module.named_parameters()})
+        out = {}
+        for name, p in self.module.named_parameters():
+            part = p.ds_tensor.numel()
+            flat = torch.zeros(part * self.info.world_size, dtype=torch.float32)
+            flat[: full[name].numel()] = full[name].reshape(-1)
+            out[name] = flat[self.info.rank * part : (self.info.rank + 1) * part].to(self.device)
+        return out
