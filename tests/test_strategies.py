@@ -77,9 +77,12 @@ def test_two_ranks_equal_one_process_and_resume_exactly(name, reference, tmp_pat
     assert_close_dicts(ema(tmp_path), ema(reference))
 
 
-@pytest.mark.parametrize("name", ["fsdp2"])
-def test_gradient_accumulation_under_sharding(name, reference, tmp_path):
-    launch(tmp_path, 2, *STRATEGIES[name], "run.steps=6", "run.micro_batch=4")
+@pytest.mark.parametrize("name,option", [
+    ("fsdp2", "run.micro_batch=4"), ("zero2", "run.micro_batch=4"),
+    ("fsdp2", "run.activation_checkpointing=true"), ("zero3", "run.activation_checkpointing=true"),
+])
+def test_accumulation_and_checkpointing_under_sharding(name, option, reference, tmp_path):
+    launch(tmp_path, 2, *STRATEGIES[name], "run.steps=6", option)
     np.testing.assert_allclose(losses(tmp_path), losses(reference), rtol=1e-5)
 
 
