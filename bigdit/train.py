@@ -166,6 +166,9 @@ def train(cfg: DictConfig) -> None:
             img_per_s = plan.global_batch * n / elapsed
             record = {"step": step, "nimg": nimg, "loss": loss_sum / n, "lr": lr, "grad_norm": grad_sum / n,
                       "img_per_s": img_per_s, "step_time_s": elapsed / n, "peak_mem_gib": peak_memory_gib(device)}
+            if hasattr(data, "bad_samples"):  # streaming loaders with data.skip_bad_samples=true
+                bad = torch.tensor(float(data.bad_samples), device=device)
+                record["bad_samples"] = int(strategy.all_reduce_mean(bad).item() * strategy.info.world_size)
             if flops_per_img:
                 record["tflops_per_gpu"] = img_per_s * flops_per_img / strategy.info.world_size / 1e12
                 record["mfu"] = record["tflops_per_gpu"] / peak_tflops

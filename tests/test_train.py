@@ -202,3 +202,29 @@ def test_block_options_keep_the_training_and_the_checkpoint_layout(tmp_path, opt
     plain, opt = read_metrics(tmp_path / "plain" / "metrics.jsonl"), read_metrics(tmp_path / "opt" / "metrics.jsonl")
     np.testing.assert_allclose([r["loss"] for r in opt], [r["loss"] for r in plain], rtol=1e-5)
     assert_same_tensors(final_state(tmp_path / "plain")["model"], final_state(tmp_path / "opt")["model"], exact=False)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_training_from_encoded_shards_counts_skipped_bad_samples(tmp_path, fmt):
+    """encode -> (convert) -> corrupt one shard -> train with data.skip_bad_samples=true on either format."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import encode_latents
+    import shards
+
+    wds_root = tmp_path / "wds"
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        encode_latents.run(compose("encode_latents", overrides=[
+            "input=sklearn:digits", f"out={wds_root}", "limit=160", "shard_size=20", "num_workers=0",
+            "progress=false", "flip=false"]))
+    root = wds_root
+    if fmt == "mds":
+        root = tmp_path / "mds"
+        shards.convert(str(wds_root), str(root), progress=False)
+    victim = root / "shard-000003.tar" if fmt == "wds" else next((root / "shard-000003").glob("*.mds"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    cfg = make_cfg(tmp_path / "run", "run.steps=12", f"data={fmt}", f"data.root={root}", "data.num_workers=0",
+                   "data.skip_bad_samples=true", "data.flip=false")
+    with pytest.warns(UserWarning, match="skipped"):
+        train(cfg)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 12 and records[-1]["bad_samples"] > 0

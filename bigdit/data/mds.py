@@ -2,9 +2,9 @@
 
 Each work shard ``shard-NNNNNN`` is one MDS directory (``index.json`` + ``shard.*.mds``) written by
 ``streaming.MDSWriter``; the encoder also merges a root ``index.json`` so the whole dataset opens
-directly with ``streaming.StreamingDataset(local=root)``. The training loader reads the same shard
-stream as :mod:`bigdit.data.wds` (same order, resume and equal-batches guarantees), decoding the MDS
-files in the worker processes.
+directly with ``streaming.StreamingDataset(local=root)``, which is how the training loader
+(:class:`MdsLoader`) reads it. :func:`read_shard` decodes one shard directory on its own, for
+``tools/shards.py`` (inspect, verify, convert).
 """
 
 from __future__ import annotations
@@ -12,14 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from bigdit.data.schema import MDS_COLUMNS, check_key, fetch
-from bigdit.data.wds import ShardError, ShardLoader, _check_count
+from bigdit.codec import LatentCodec
+from bigdit.data import BatchPlan, stream_seed
+from bigdit.data.schema import MANIFEST_NAME, MDS_COLUMNS, Manifest, SchemaError, check_key, fetch
+from bigdit.data.wds import ShardError, _check_count, _check_sample
+
 
 class Writer:
     """Writes one MDS shard directory to ``<name>.tmp/`` and renames it to ``<name>/`` on :meth:`close`."""
@@ -63,13 +68,6 @@ class Writer:
         if self._writer is not None:
             self._writer.finish()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def fetch_shard(remote: str, root: str | Path, name: str) -> None:
-    """Cache shard directory ``name`` of a remote dataset under ``root`` (its index first, then its files)."""
-    index = json.loads(fetch(remote, root, f"{name}/index.json").read_text())
-    for obj in index["shards"]:
-        fetch(remote, root, f"{name}/{obj['raw_data']['basename']}")
 
 
 def exists(root: str | Path, name: str) -> bool:
@@ -116,17 +114,253 @@ def read_shard(root: str | Path, name: str, expected: int | None = None) -> Iter
     _check_count(d, n, expected, key)
 
 
-class MdsLoader(ShardLoader):
-    """``data=mds``: the shard-stream loader over MDS shard directories (stale shared memory that a
-    crashed ``StreamingDataset`` left behind is cleaned at start, as other streaming users may share the node)."""
+def __getattr__(name: str):
+    """``ValidatingDataset``, the ``StreamingDataset`` subclass, is built on first use (importing streaming
+    takes seconds); this makes it picklable by name for spawned DataLoader workers."""
+    if name == "ValidatingDataset":
+        return _validating_dataset()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_DATASET_CLASS = None
+#: whether this process cleaned streaming's stale shared memory (done once: it would also remove the
+#: live shared memory of this process's earlier loaders)
+_CLEANED = False
+
+
+def _validating_dataset():
+    global _DATASET_CLASS
+    if _DATASET_CLASS is None:
+        from streaming import StreamingDataset
+
+        class ValidatingDataset(StreamingDataset):
+            """``StreamingDataset`` whose samples carry their global index (seeding their latent noise)
+            and pass the per-sample check of what training consumes; a sample that cannot be read or fails
+            the check raises :class:`ShardError` naming its shard file and key, or with
+            ``skip_bad_samples`` comes back as ``{"bad": reason, "index": i}`` (replaced when batched)."""
+
+            def configure(self, root: str, shapes: dict[str, tuple], need_cls: bool, skip_bad_samples: bool):
+                self.bigdit = (root, shapes, need_cls, skip_bad_samples)
+                return self
+
+            def get_item(self, sample_id: int, retry: int = 7) -> Any:
+                root, shapes, need_cls, skip = self.bigdit
+                sample = None
+                try:
+                    sample = super().get_item(sample_id, retry)
+                    problem = _check_sample(sample, shapes, need_cls)
+                except Exception as e:  # any decoding failure means corrupt or truncated bytes
+                    problem = f"cannot decode it ({type(e).__name__}: {e})"
+                if problem is None:
+                    sample["index"] = sample_id
+                    return sample
+                shard_id, k = self.spanner[sample_id]
+                shard = self.shards[shard_id]
+                if sample is not None and sample.get("key"):
+                    key = f"key {sample['key']!r}"
+                else:
+                    key = f"key unreadable, the last readable key before it {_key_before(shard, k)!r}"
+                reason = f"{root}/{shard.raw_data.basename}: sample {k}, {key}: {problem}"
+                if not skip:
+                    raise ShardError(f"{reason} (data.skip_bad_samples=true skips bad samples)")
+                return {"bad": reason, "index": sample_id}
+
+        ValidatingDataset.__module__ = __name__
+        ValidatingDataset.__qualname__ = "ValidatingDataset"
+        _DATASET_CLASS = ValidatingDataset
+    return _DATASET_CLASS
+
+
+def _key_before(shard, k: int) -> str | None:
+    """Key of the readable sample closest before sample ``k`` of a shard (to name where a bad one sits)."""
+    for j in range(k - 1, -1, -1):
+        try:
+            return shard[j]["key"]
+        except Exception:  # noqa: S112 - that one is unreadable too
+            continue
+    return None
+
+
+class _Collate:
+    """Worker-side batching: stacks the array fields (float16, as stored) and labels; skipped bad samples
+    are replaced by the good samples of the same micro-batch in turn, so every micro-batch is full and
+    streaming's sample count (its resume position) stays exact."""
+
+    def __init__(self, fields: list[str]):
+        self.fields = fields
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        good = [s for s in samples if "bad" not in s]
+        bad = [s["bad"] for s in samples if "bad" in s]
+        if not good:
+            raise ShardError(f"every sample of a micro-batch is bad, e.g. {bad[0]}")
+        rows = [good[j % len(good)] if "bad" in s else s for j, s in enumerate(samples)]
+        out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in rows], dtype=torch.int64),
+                               "key": [s["key"] for s in rows], "bad": bad,
+                               "y": torch.tensor([s.get("cls", -1) for s in rows], dtype=torch.int64)}
+        for name in self.fields:
+            out[name] = torch.from_numpy(np.stack([s[name] for s in rows]))
+        return out
+
+
+class MdsLoader:
+    """``data=mds``: MDS shards read by MosaicML Streaming's ``StreamingDataset`` + ``StreamingDataLoader``.
+
+    ``root`` is the shard directory (its merged ``index.json``), or with ``remote`` (s3://, gs://, ..., or
+    a path) the local cache that streaming downloads shards into as they are needed. Streaming shuffles
+    (``shuffle_seed`` = run seed, a fresh order each epoch) and splits every epoch over ranks and
+    ``num_workers`` worker processes per rank; it reads ``RANK``/``WORLD_SIZE``/``LOCAL_WORLD_SIZE`` from
+    the environment (torchrun sets them) and coordinates the ranks of a node through shared memory, of
+    which whatever a crashed run left behind is cleaned when the first loader of a process starts.
+
+    Every epoch holds ``world_size x workers x micro_batch`` samples times a whole number (streaming's
+    ``epoch_size``; the remainder, fewer samples than that, is left out of the epoch at random), so every
+    rank reads the same number of full micro-batches and DDP never waits on a rank that ran out of data.
+
+    Resume: :meth:`state_dict` is ``StreamingDataLoader.state_dict()`` (the epoch and the number of samples
+    all ranks consumed in it, the same on every rank), and :meth:`load_state_dict` hands it back to
+    streaming, which restarts the epoch's global sample order after those samples: a resumed run sees
+    exactly the samples of an uninterrupted one for the same world size, workers and micro-batch.
+
+    Latents are sampled with :class:`bigdit.codec.LatentCodec` in the training process, from a generator
+    seeded by ``(seed, epoch, the micro-batch's sample indices)``, so they do not depend on worker timing
+    or interruptions.
+    """
 
     format = "mds"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        from streaming.base.util import clean_stale_shared_memory
+    def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
+                 prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
+                 skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
+        self.root = str(root)
+        if remote:
+            fetch(remote, self.root, MANIFEST_NAME)
+        self.manifest = Manifest.load(self.root)
+        if self.manifest.format != self.format:
+            raise SchemaError(f"{self.root} holds {self.manifest.format} shards: use data={self.manifest.format}")
+        env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        if env != (rank, plan.world_size):
+            raise ValueError(f"data=mds: rank {rank} of {plan.world_size}, but the environment says RANK={env[0]} "
+                             f"WORLD_SIZE={env[1]}: StreamingDataset takes its rank from the environment "
+                             f"(run one process per rank, e.g. with torchrun)")
+        self.plan, self.rank, self.seed = plan, rank, int(seed)
+        self.num_workers = int(num_workers)
+        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
+        self.sample_shape = tuple(self.manifest.latent_shape)
+        self.num_classes = self.manifest.num_classes
+        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
+        shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
+        chunk = plan.world_size * max(1, self.num_workers) * plan.micro_batch
+        if self.manifest.count < chunk:
+            raise ValueError(f"{self.root} has {self.manifest.count} samples but {plan.world_size} rank(s) x "
+                             f"{max(1, self.num_workers)} worker(s) x micro-batch {plan.micro_batch} need at "
+                             f"least {chunk}: lower data.num_workers or run.micro_batch")
+        #: samples per epoch, and the optimizer steps it makes
+        self.epoch_samples = self.manifest.count // chunk * chunk
+        global _CLEANED
+        if not _CLEANED:
+            from streaming.base.util import clean_stale_shared_memory
 
-        clean_stale_shared_memory()
+            clean_stale_shared_memory()
+            _CLEANED = True
+        from streaming import StreamingDataLoader
+
+        self.dataset = _validating_dataset()(
+            local=self.root, remote=remote, batch_size=plan.micro_batch, shuffle=shuffle, shuffle_seed=self.seed,
+            epoch_size=self.epoch_samples,
+        ).configure(self.root, shapes, bool(self.manifest.classes), skip_bad_samples)
+        extra = {"prefetch_factor": int(prefetch_factor)} if self.num_workers else {}
+        self.loader = StreamingDataLoader(self.dataset, batch_size=plan.micro_batch, num_workers=self.num_workers,
+                                          collate_fn=_Collate(list(shapes)), pin_memory=pin_memory,
+                                          drop_last=True, **extra)
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._epoch = -1
+        self._step: int | None = None  # the step micro_batches reads next
+        self._loaded: dict[str, Any] = {}
+        #: samples skipped as bad (data.skip_bad_samples=true), counted on this rank
+        self.bad_samples = 0
+
+    def _next(self) -> dict[str, Any]:
+        """The next micro-batch of this rank, across epochs."""
+        for _ in range(3):  # a resumed epoch may be empty (saved at its very end)
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self._epoch = self.dataset.next_epoch - 1  # set by the workers before their first sample
+            return batch
+        raise RuntimeError(f"{self.root}: StreamingDataset yielded no micro-batch in two epochs")
+
+    def raw_micro_batches(self, step: int) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches of ``step`` with their bookkeeping besides the training fields: ``key``
+        (sample keys), ``index`` (streaming's sample indices), ``epoch`` and ``bad`` (reasons of the
+        samples skipped in it). Steps are read in order, starting at the step of the loaded state."""
+        saved = self._loaded.get("step")
+        if self._step is None and saved is not None and step != saved:
+            raise ValueError(f"{self.root}: the data state was saved before step {saved}, not {step}")
+        if self._step is not None and step != self._step:
+            raise ValueError(f"{self.root}: data=mds reads steps in order: step {step} asked after step "
+                             f"{self._step - 1}")
+        self._step = step
+        for _ in range(self.plan.accum_steps):
+            batch = self._next()
+            if batch["bad"]:
+                self.bad_samples += len(batch["bad"])
+                warnings.warn(f"skipped {len(batch['bad'])} bad sample(s) ({self.bad_samples} so far): "
+                              f"{batch['bad'][0]}", stacklevel=2)
+            batch["x"] = self._latents(batch)
+            batch["epoch"] = self._epoch
+            yield batch
+        self._step = step + 1
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Model-space latents of a micro-batch from one generator seeded by ``(seed, epoch, its sample
+        indices)``: the same micro-batch (as a resumed run reads it too) gets the same noise and flips."""
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self._epoch, *batch["index"].tolist()))
+        return self.codec.sample(batch["moments"], batch.get("moments_flip"), generator=g)
+
+    def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
+        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings."""
+        for raw in self.raw_micro_batches(step):
+            yield {k: raw[k] for k in ("x", "y", "clip_tokens", "clip_pooled") if k in raw}
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is dropped)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global progress: streaming's state (epoch, samples of all ranks consumed in it) and the layout."""
+        if self._epoch < 0:  # nothing read since the start or the resume
+            streaming = self._loaded.get("streaming")
+        else:
+            streaming = self.loader.state_dict()
+        return {"format": self.format, "streaming": streaming, "step": self._step if self._step is not None
+                else self._loaded.get("step", 0), **self._layout()}
+
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.plan.world_size, "workers": max(1, self.num_workers),
+                "micro_batch": self.plan.micro_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where ``state`` (rank 0's :meth:`state_dict`) left off."""
+        if not state:
+            return
+        if state.get("format") != self.format:
+            raise ValueError(f"{self.root}: the checkpoint's data state is of data={state.get('format')}")
+        saved = {k: state.get(k) for k in self._layout()}
+        if saved != self._layout():
+            warnings.warn(f"resuming {self.root} with layout {self._layout()} instead of {saved}: streaming "
+                          f"re-partitions the rest of the epoch, so the samples seen differ from an "
+                          f"uninterrupted run", stacklevel=2)
+        self._loaded = dict(state)
+        if state.get("streaming"):
+            self.dataset.load_state_dict(state["streaming"])
 
 
 def merge_index(root: str | Path, names: list[str]) -> Path:

@@ -1,4 +1,4 @@
-"""WebDataset shards (``shard-NNNNNN.tar``) and the shard-stream loader used by both shard formats.
+"""WebDataset shards (``shard-NNNNNN.tar``) and the deterministic shard-stream loader that reads them.
 
 The stream: a sharded dataset is read as ``world_size x streams`` independent shard streams, one per
 (rank, worker). Each epoch the shard list is permuted with ``(seed, epoch)`` and dealt round-robin to
