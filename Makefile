@@ -25,7 +25,8 @@ setup: $(STAMP)
 # samples with an independent classifier. Rerunning skips finished shards and resumes runs/demo.
 demo: setup
 	$(PY) tools/encode_latents.py input=sklearn:digits vae=none format=wds out=$(DEMO_DATA) shard_size=100 flip=false
-	PYTHON=$(PY) launchers/torchrun.sh 2 experiment=demo data=digits_wds data.root=$(DEMO_DATA) run.dir=$(DEMO_DIR) $(DEMO_ARGS)
+	PYTHON=$(PY) launchers/torchrun.sh 2 experiment=demo data=digits_wds data.root=$(DEMO_DATA) \
+		strategy=deepspeed strategy.zero_stage=2 run.dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) tools/sample.py run=$(DEMO_DIR) $(SAMPLE_ARGS)
 	$(PY) tools/eval_digits.py samples=$(DEMO_DIR)/samples/samples.npz run=$(DEMO_DIR)
 
