@@ -9,7 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigdit.checkpoint import latest_checkpoint, step_tag
 from bigdit.diffusion import Schedule, guided_model_fn, sample
-from bigdit.models import build_model, extract_state_dict
+from bigdit.export import consolidated_weights
+from bigdit.models import build_model
 
 
 def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema") -> tuple[torch.nn.Module, DictConfig]:
@@ -24,9 +25,9 @@ def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema")
     if ckpt_dir is None or not ckpt_dir.is_dir():
         have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
         raise FileNotFoundError(f"no checkpoint {'latest' if step is None else step_tag(step)} in {root}; available: {have}")
-    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
     model = build_model(**cfg.model)
-    model.load_state_dict(extract_state_dict(state, prefer=weights), strict=True)
+    # Any strategy's checkpoint (DDP, FSDP2 shards, DeepSpeed ZeRO partitions), consolidated in this process.
+    model.load_state_dict(consolidated_weights(ckpt_dir, cfg.model, weights), strict=True)
     return model.eval(), cfg
 
 
