@@ -22,7 +22,7 @@ import torch
 
 from bigdit.codec import LatentCodec
 from bigdit.data import BatchPlan, stream_seed
-from bigdit.data.schema import MANIFEST_NAME, MDS_COLUMNS, Manifest, SchemaError, check_key, fetch
+from bigdit.data.schema import open_manifest, MDS_COLUMNS, check_key
 from bigdit.data.wds import ShardError, _check_count, _check_sample
 
 
@@ -233,11 +233,7 @@ class MdsLoader:
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
         self.root = str(root)
-        if remote:
-            fetch(remote, self.root, MANIFEST_NAME)
-        self.manifest = Manifest.load(self.root)
-        if self.manifest.format != self.format:
-            raise SchemaError(f"{self.root} holds {self.manifest.format} shards: use data={self.manifest.format}")
+        self.manifest = open_manifest(self.root, self.format, remote)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         if env != (rank, plan.world_size):
             raise ValueError(f"data=mds: rank {rank} of {plan.world_size}, but the environment says RANK={env[0]} "

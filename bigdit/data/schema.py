@@ -298,3 +298,14 @@ def fetch(remote: str, root: str | Path, relpath: str) -> Path:
             raise OSError(f"cannot download {remote.rstrip('/')}/{relpath} to {local}: {e}") from e
         os.replace(tmp, local)
     return local
+
+
+def open_manifest(root: str, fmt: str, remote: str | None = None) -> Manifest:
+    """The manifest of the shard directory ``root`` (fetched from ``remote`` first when given), checked to
+    describe ``fmt`` shards: what a loader reads before anything else."""
+    if remote:
+        fetch(remote, root, MANIFEST_NAME)
+    manifest = Manifest.load(root)
+    if manifest.format != fmt:
+        raise SchemaError(f"{root} holds {manifest.format} shards: use data={manifest.format}")
+    return manifest

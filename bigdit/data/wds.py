@@ -31,7 +31,7 @@ import torch
 
 from bigdit.codec import LatentCodec
 from bigdit.data import BatchPlan, stream_seed
-from bigdit.data.schema import (EXT_FIELD, MANIFEST_NAME, WDS_EXT, Manifest, SchemaError, check_key, fetch,
+from bigdit.data.schema import (open_manifest, EXT_FIELD, WDS_EXT, Manifest, SchemaError, check_key, fetch,
                                  npy_array, npy_bytes, shard_io)
 
 SUFFIX = ".tar"
@@ -391,11 +391,7 @@ class ShardLoader:
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
         self.root = str(root)
-        if remote:
-            fetch(remote, self.root, MANIFEST_NAME)
-        self.manifest = Manifest.load(self.root)
-        if self.manifest.format != self.format:
-            raise SchemaError(f"{self.root} holds {self.manifest.format} shards: use data={self.manifest.format}")
+        self.manifest = open_manifest(self.root, self.format, remote)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor, self.pin_memory = int(num_workers), int(prefetch_factor), pin_memory
         self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
