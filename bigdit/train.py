@@ -116,7 +116,8 @@ def setup(cfg: DictConfig):
         n_params = sum(full_numel(p) for p in strategy.module.parameters())
         print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "
                      f"{strategy.device.type} | global batch {plan.global_batch} = {plan.world_size} x "
-                     f"{plan.accum_steps} x {plan.micro_batch} | " + (f"resumed at step {step}" if step else "from scratch"))
+                     f"{plan.accum_steps} x {plan.micro_batch} | "
+                     + (f"resumed at step {step}" if step else "from scratch"))
         mib = {k: f"{v / 2**20:.1f}" for k, v in strategy.state_bytes().items()}
         print_status(f"{cfg.strategy.name} state per rank (MiB): " + ", ".join(f"{k} {v}" for k, v in mib.items()))
     return strategy, plan, data, schedule, ema, ckpt, step, nimg
@@ -129,7 +130,7 @@ def train(cfg: DictConfig) -> None:
     log = MetricsLog(Path(run.dir) / "metrics.jsonl", step) if strategy.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula yet
-    peak_tflops = run.peak_tflops or peak_device_tflops(device, run.precision)
+    peak_tflops = (run.peak_tflops or peak_device_tflops(device, run.precision)) if flops_per_img else None
     drop_prob = float(cfg.model.class_dropout_prob)
     sums = torch.zeros(3, device=device)  # loss, grad-norm, steps since the last log
     t_window = time.perf_counter()
@@ -157,7 +158,7 @@ def train(cfg: DictConfig) -> None:
             sums[0] += loss.detach() / plan.accum_steps
         sums[1] += strategy.optimizer_step(cfg.optim.grad_clip)
         sums[2] += 1
-        ema.update([t for _, t in strategy.ema_targets()])
+        ema.update([tensor for _, tensor in strategy.ema_targets()])
         step, nimg = step + 1, nimg + plan.global_batch
 
         if step % run.log_every == 0 or step == run.steps:

@@ -33,3 +33,22 @@ def test_dit_xl2_256_costs_what_the_paper_says():
     # DiT paper, Table 4: 118.6 GFLOPs (multiply-adds) per forward at 256px.
     assert forward_flops(model) / 2 / 1e9 == pytest.approx(118.6, abs=0.1)
     assert train_flops_per_sample(model) / 1e12 == pytest.approx(0.71, abs=0.01)
+
+
+@pytest.mark.parametrize("kw", [
+    {"name": "U-ViT-S/2", "depth": 4},
+    {"name": "U-ViT-M/4", "depth": 2, "mlp_time_embed": True},
+    {"name": "U-ViT-H/2", "depth": 2, "num_classes": 0},
+])
+def test_uvit_formula_matches_flop_counter(kw):
+    kw = dict(kw)
+    model = build_model(kw.pop("name"), input_size=16, **kw)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])
+    y = torch.tensor([3, 4]) if model.num_classes else None
+    assert forward_flops(model) * 2 == counted_forward_flops(model, x, t, y)
+
+
+def test_text_uvit_formula_matches_flop_counter():
+    model = build_model("U-ViT-S/2", input_size=16, depth=2, num_classes=0, context_dim=32, context_tokens=5)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.randn(2, 5, 32)
+    assert forward_flops(model) * 2 == counted_forward_flops(model, x, t, ctx)
