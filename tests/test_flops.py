@@ -52,3 +52,24 @@ def test_text_uvit_formula_matches_flop_counter():
     model = build_model("U-ViT-S/2", input_size=16, depth=2, num_classes=0, context_dim=32, context_tokens=5)
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.randn(2, 5, 32)
     assert forward_flops(model) * 2 == counted_forward_flops(model, x, t, ctx)
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_udit_formula_matches_flop_counter(deploy):
+    model = build_model("U-DiT-S", input_size=16, hidden_size=32, depth=[1, 1, 2, 1, 1], num_heads=2, num_classes=10)
+    if deploy:
+        model = model.deploy()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([3, 4])
+    assert forward_flops(model) * 2 == counted_forward_flops(model, x, t, y)
+
+
+@pytest.mark.parametrize("name,deploy,paper_gmacs", [
+    ("U-DiT-B", True, 22.22), ("U-DiT-L", True, 85.0), ("U-ViT-H/2", False, 133.0), ("DiT-XL/2", False, 118.6),
+])
+def test_formulas_reproduce_the_papers_gflops(name, deploy, paper_gmacs):
+    # The papers quote multiply-adds of one 256px forward (U-DiT: the merged, deploy form).
+    with torch.device("meta"):
+        model = build_model(name)
+    if deploy:
+        model = model.deploy()
+    assert forward_flops(model) / 2 / 1e9 == pytest.approx(paper_gmacs, rel=0.005)
