@@ -529,3 +529,20 @@ def test_guided_sampling_end_to_end(sched):
     a = sample(guided_model_fn(model, y, 4.0, NULL), generator=torch.Generator().manual_seed(0), **kw)
     b = sample(guided_model_fn(model, y, 1.0, NULL), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_schedule_tables_are_copied_to_the_device_once():
+    # Gathering per step must not copy tables from the host each time (a GPU stall per step).
+    import gc
+
+    from bigdit.diffusion import gaussian
+
+    s = make_schedule()
+    cpu = torch.device("cpu")
+    first = gaussian._device_table(s.sqrt_alphas_cumprod, cpu)
+    assert gaussian._device_table(s.sqrt_alphas_cumprod, cpu) is first
+    assert gaussian._device_table(s.log_betas, cpu) is gaussian._device_table(s.log_betas, cpu)
+    key = (id(s.sqrt_alphas_cumprod), "cpu")
+    del s
+    gc.collect()
+    assert key not in gaussian._DEVICE_TABLES  # freed with its schedule

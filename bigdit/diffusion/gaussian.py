@@ -17,7 +17,9 @@ precision.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -97,6 +99,20 @@ class Schedule:
         """Number of steps of this chain (the length of every table)."""
         return int(self.betas.shape[0])
 
+    @cached_property
+    def log_betas(self) -> np.ndarray:
+        """log(beta_t): the upper end of the learned variance range."""
+        return _frozen(np.log(self.betas))
+
+    @cached_property
+    def fixed_large_variance(self) -> np.ndarray:
+        """ADM's fixed "large" variance: beta_t, with beta_0 replaced by the posterior variance at t = 1."""
+        return _frozen(np.append(self.posterior_variance[1], self.betas[1:]))
+
+    @cached_property
+    def log_fixed_large_variance(self) -> np.ndarray:
+        return _frozen(np.log(self.fixed_large_variance))
+
     @classmethod
     def from_betas(cls, betas: Sequence[float] | np.ndarray, timestep_map: Iterable[int] | None = None) -> Schedule:
         """Compute all tables from ``betas`` (1-D, each in (0, 1], at least 2 steps).
@@ -137,9 +153,7 @@ class Schedule:
             posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
             timestep_map=tmap,
         )
-        for arr in tables.values():
-            arr.setflags(write=False)  # the dataclass is frozen; make its arrays immutable too
-        return cls(**tables)
+        return cls(**{name: _frozen(arr) for name, arr in tables.items()})
 
 
 def make_schedule(
@@ -152,6 +166,29 @@ def make_schedule(
     return Schedule.from_betas(make_betas(schedule, num_steps, beta_start, beta_end))
 
 
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    """Make a table immutable (the Schedule is frozen), which also makes its device copy cacheable."""
+    arr.setflags(write=False)
+    return arr
+
+
+# Device copies of immutable schedule tables, so gathering per step copies nothing from the host (a
+# host-to-device copy from pageable memory would stall the host on the GPU stream every step). An entry
+# leaves the cache when its numpy table is garbage collected.
+_DEVICE_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _device_table(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    if arr.flags.writeable:  # not a schedule table: it may change, so it is not cached
+        return torch.tensor(arr, device=device)
+    key = (id(arr), str(device))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        table = _DEVICE_TABLES[key] = torch.tensor(arr, device=device)
+        weakref.finalize(arr, _DEVICE_TABLES.pop, key, None)
+    return table
+
+
 def _extract(arr: np.ndarray, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Gather ``arr[t]`` (one value per sample) and broadcast it to ``ref``'s shape, dtype and device.
 
@@ -161,7 +198,7 @@ def _extract(arr: np.ndarray, t: torch.Tensor, ref: torch.Tensor) -> torch.Tenso
     """
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
-    values = torch.tensor(arr, device=t.device)[t.long()]
+    values = _device_table(arr, t.device)[t.long()]
     values = values.to(device=ref.device, dtype=ref.dtype)
     return values.reshape(-1, *([1] * (ref.ndim - 1))).expand(ref.shape).contiguous()
 
@@ -237,14 +274,13 @@ def p_mean_variance(
     eps, v = _split_model_output(model_out, xt, learn_sigma)
     if v is not None:
         min_log = _extract(s.posterior_log_variance_clipped, t, xt)
-        max_log = _extract(np.log(s.betas), t, xt)
+        max_log = _extract(s.log_betas, t, xt)
         frac = (v + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         variance = torch.exp(log_variance)
     else:
-        fixed_large = np.append(s.posterior_variance[1], s.betas[1:])
-        variance = _extract(fixed_large, t, xt)
-        log_variance = _extract(np.log(fixed_large), t, xt)
+        variance = _extract(s.fixed_large_variance, t, xt)
+        log_variance = _extract(s.log_fixed_large_variance, t, xt)
 
     pred_x0 = predict_x0_from_eps(s, xt, t, eps)
     if denoised_fn is not None:
