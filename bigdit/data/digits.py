@@ -20,12 +20,6 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-def digits_to_pixels(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Model space [-1, 1] -> load_digits' 0..16 scale (what a classifier fit on the real digits expects)."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return np.clip((x + 1.0) * (DIGITS_MAX / 2), 0.0, DIGITS_MAX)
-
-
 class Digits:
     """The digits as (1, 8, 8) images scaled to [-1, 1], labels 0..9."""
 

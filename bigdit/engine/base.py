@@ -13,7 +13,7 @@ import datetime
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,14 +172,6 @@ class Strategy(ABC):
             tensor /= self.info.world_size
         return tensor
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.info.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.info.world_size > 1:
             dist.barrier()
@@ -187,6 +179,3 @@ class Strategy(ABC):
     def teardown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.module.parameters()
