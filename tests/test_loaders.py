@@ -4,7 +4,6 @@ batches per rank, bad-shard handling, fail-fast mismatches, and training from sh
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,14 @@ from bigdit.data.schema import SchemaError
 from bigdit.data.wds import ShardError, WdsLoader
 from bigdit.train import CONFIG_DIR, check_model_matches_data, train
 
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import encode_latents  # noqa: E402
-import shards  # noqa: E402
 
 LOADERS = {"wds": WdsLoader, "mds": MdsLoader}
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory) -> dict[str, Path]:
-    """480 digits in 24 shards of 20 (flips stored), in both formats."""
-    base = tmp_path_factory.mktemp("shards")
-    with initialize_config_dir(CONFIG_DIR, version_base=None):
-        cfg = compose("encode_latents", overrides=["input=sklearn:digits", f"out={base / 'wds'}", "limit=480",
-                                                   "shard_size=20", "num_workers=0", "progress=false"])
-    encode_latents.run(cfg)
-    shards.convert(str(base / "wds"), str(base / "mds"), progress=False)
-    return {"wds": base / "wds", "mds": base / "mds"}
+def roots(digit_shards) -> dict[str, Path]:
+    return digit_shards
 
 
 def keys_of(loaders, steps) -> list[list[str]]:

@@ -12,15 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from bigdit.train import CONFIG_DIR
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import encode_latents  # noqa: E402
-import shards  # noqa: E402
 
 # Run by every rank. 480 samples, 2 ranks x 2 workers x micro-batch 7: an epoch is 476 samples (17 x 28),
 # 34 micro-batches = 17 steps of 2 per rank; the runs cross into epoch 1.
@@ -93,15 +88,8 @@ dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def mds_root(tmp_path_factory) -> Path:
-    """480 digits in 24 MDS shard directories of 20 (flips stored)."""
-    base = tmp_path_factory.mktemp("mds")
-    with initialize_config_dir(CONFIG_DIR, version_base=None):
-        cfg = compose("encode_latents", overrides=["input=sklearn:digits", f"out={base / 'wds'}", "limit=480",
-                                                   "shard_size=20", "num_workers=0", "progress=false"])
-    encode_latents.run(cfg)
-    shards.convert(str(base / "wds"), str(base / "mds"), progress=False)
-    return base / "mds"
+def mds_root(digit_shards) -> Path:
+    return digit_shards["mds"]
 
 
 def test_two_ranks_two_workers_resume_exactly_with_equal_batches(mds_root, tmp_path):
