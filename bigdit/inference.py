@@ -1,4 +1,4 @@
-"""Loading trained models back and drawing class-conditional samples (used by tools/sample.py and the demo)."""
+"""Loading trained models back and drawing guided samples (used by tools/sample.py and the demo)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema")
 def generate(
     model: torch.nn.Module,
     schedule: Schedule,
-    labels: torch.Tensor,
+    cond: torch.Tensor,
     *,
+    null: torch.Tensor | None = None,
     sampler: str = "ddpm",
     steps: int = 250,
     cfg_scale: float = 4.0,
@@ -48,7 +49,10 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Samples (N, C, H, W) in model space for ``labels``, in batches, reproducible under ``seed``.
+    """Samples (N, C, H, W) in model space for ``cond``, in batches, reproducible under ``seed``.
+
+    ``cond`` is class labels (N,), guided against the model's null label, or, for a text-to-image model,
+    CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D).
 
     ``clip_denoised`` clamps each predicted x0 to [-1, 1] (what ADM does in pixel space; latents are
     left unclipped). Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample
@@ -59,9 +63,12 @@ def generate(
     model = model.to(device).eval()
     shape = (model.in_channels, model.input_size, model.input_size)
     outs = []
-    for i, y in enumerate(labels.split(batch_size)):
+    if getattr(model, "context_dim", None) is not None and null is None:
+        raise ValueError("a text-to-image model samples with null= the empty-prompt embedding (T, D)")
+    null = model.num_classes if null is None else null.to(device)
+    for i, y in enumerate(cond.split(batch_size)):
         y = y.to(device)
-        fn = guided_model_fn(model, y, cfg_scale, model.num_classes, guidance, in_channels=model.in_channels)
+        fn = guided_model_fn(model, y, cfg_scale, null, guidance, in_channels=model.in_channels)
         g = torch.Generator().manual_seed(stream_seed(seed, i))
         outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
                            learn_sigma=model.learn_sigma, generator=g, eta=eta, clip_denoised=clip_denoised,

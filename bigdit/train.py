@@ -32,6 +32,7 @@ from bigdit.metrics import MetricsLog, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.optim import build_adamw, lr_at
 from bigdit.preemption import PreemptionGuard
+from bigdit.profiling import StepProfiler
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.flops import train_flops_per_sample
 
@@ -46,8 +47,31 @@ def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
             f"model expects {model_cfg.in_channels}x{model_cfg.input_size}x{model_cfg.input_size} inputs but the data "
             f"gives {c}x{h}x{w}: set model.in_channels={c} model.input_size={h}"
         )
-    if data.num_classes > model_cfg.num_classes:
-        raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
+    context_dim = model_cfg.get("context_dim")
+    if context_dim is None:
+        if data.num_classes > (model_cfg.num_classes or 0):
+            raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
+        return
+    text_dim = getattr(data, "text_dim", None)
+    if text_dim is None:
+        raise ValueError(f"the text-to-image model (model.context_dim={context_dim}) needs CLIP token embeddings, but "
+                         f"{type(data).__name__} has none: cache them with tools/cache_text.py and train with data=wds "
+                         f"or data=mds on its output")
+    tokens = tuple(data.empty_context.shape)
+    if (model_cfg.get("context_tokens", 77), context_dim) != tokens:
+        raise ValueError(f"the shards hold {tokens[0]}x{tokens[1]} CLIP tokens but the model expects "
+                         f"{model_cfg.get('context_tokens', 77)}x{context_dim}: set model.context_tokens={tokens[0]} "
+                         f"model.context_dim={tokens[1]}")
+
+
+def conditioning(batch: dict[str, torch.Tensor], drop: torch.Tensor, empty_context: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """The model's ``y``: class labels (the model drops those in ``drop`` to its null label), or CLIP tokens
+    with the dropped captions replaced by the empty-prompt embedding (what guidance samples with)."""
+    if empty_context is None:
+        return batch["y"].to(device, non_blocking=True)
+    tokens = batch["clip_tokens"].to(device, non_blocking=True).float()
+    return torch.where(drop.bool()[:, None, None], empty_context, tokens)
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
@@ -131,10 +155,12 @@ def train(cfg: DictConfig) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula yet
     peak_tflops = (run.peak_tflops or peak_device_tflops(device, run.precision)) if flops_per_img else None
-    drop_prob = float(cfg.model.class_dropout_prob)
+    drop_prob = float(cfg.model.class_dropout_prob)  # label or caption dropout, for classifier-free guidance
+    empty_context = None if cfg.model.get("context_dim") is None else data.empty_context.to(device)
     sums = torch.zeros(3, device=device)  # loss, grad-norm, steps since the last log
     t_window = time.perf_counter()
-    guard = PreemptionGuard.for_strategy(strategy)  # inert unless started by bigdit.launch (SLURM/submitit)
+    profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", device)
+    guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 
     def checkpoint(at_step: int) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
@@ -148,7 +174,8 @@ def train(cfg: DictConfig) -> None:
         draws = StepDraws(run.seed, step, plan, data.sample_shape, schedule.num_timesteps, drop_prob, device)
         for micro, batch in enumerate(data.micro_batches(step)):
             span = plan.span(rank, micro)
-            x0, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+            x0 = batch["x"].to(device, non_blocking=True)
+            y = conditioning(batch, draws.drop[span], empty_context, device)
             t, noise = draws.t[span], draws.noise[span]
             xt = q_sample(schedule, x0, t, noise)
             with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
@@ -160,6 +187,7 @@ def train(cfg: DictConfig) -> None:
         sums[2] += 1
         ema.update([tensor for _, tensor in strategy.ema_targets()])
         step, nimg = step + 1, nimg + plan.global_batch
+        profiler.step()
 
         if step % run.log_every == 0 or step == run.steps:
             loss_sum, grad_sum, n = strategy.all_reduce_mean(sums.clone()).tolist()
@@ -178,12 +206,13 @@ def train(cfg: DictConfig) -> None:
                 print_status(status_line(record, run.steps))
             sums.zero_()
             t_window = time.perf_counter()
-        stop = guard.stop_requested()  # preemption/timeout signal on any rank (all ranks get the same answer)
+        stop = guard.stop_requested(step)  # preemption/timeout signal on any rank (all ranks get the same answer)
         if step % run.ckpt_every == 0 or step == run.steps or stop:
             checkpoint(step)
         if stop and step < run.steps:
             guard.stop(step, run.dir)  # requeue the job (or exit with how to resume); the next one resumes here
 
+    profiler.close()
     if strategy.is_main:
         plot_loss(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "loss.png")
         print_status(f"done: {run.dir} (config.yaml, metrics.jsonl, loss.png, checkpoints/)")

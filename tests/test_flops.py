@@ -73,3 +73,18 @@ def test_formulas_reproduce_the_papers_gflops(name, deploy, paper_gmacs):
     if deploy:
         model = model.deploy()
     assert forward_flops(model) / 2 / 1e9 == pytest.approx(paper_gmacs, rel=0.005)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("DiT-S/2", {"hidden_size": 64, "num_heads": 4, "depth": 2}),
+    ("U-DiT-S", {"hidden_size": 32, "num_heads": 2, "depth": [1, 1, 2, 1, 1]}),
+    ("U-DiT-S", {"hidden_size": 32, "num_heads": 2, "depth": [1, 1, 2, 1, 1], "rep": False}),
+])
+def test_text_dit_and_udit_formulas_match_flop_counter(name, kw):
+    # Our text-conditioned forms: cross-attention to 5 context tokens in every block, caption embedders.
+    model = build_model(name, input_size=16, num_classes=0, context_dim=24, context_tokens=5, **kw)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.randn(2, 5, 24)
+    assert forward_flops(model) * 2 == counted_forward_flops(model, x, t, ctx)
+    # The text part is counted, not just present: the class form of the same size costs less.
+    cls = build_model(name, input_size=16, num_classes=10, **kw)
+    assert forward_flops(model) > forward_flops(cls)

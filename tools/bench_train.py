@@ -6,9 +6,12 @@
 data=synthetic strategy=deepspeed strategy.zero_stage=2 run.global_batch=16 run.steps=20``.
 
 It runs the real training loop (``bigdit.train``) in a temporary run directory, one process or
-``bench.ranks`` under torchrun, logs every step, and reports the median over steps after the warm-up:
-img/s, step time, TFLOP/s per device and MFU (from the explicit per-model FLOP formula in
-``bigdit.flops``), peak memory of rank 0, plus device, commit and command.
+``bench.ranks`` under torchrun, logs every ``bench.log_every`` steps (the loop reads device values back only
+at log steps, so logging every step would add a host-device sync per step that real runs do not have), and
+reports the median over the log windows after ``bench.warmup_steps``: img/s, step time, TFLOP/s per device
+and MFU (from the explicit per-model FLOP formula in ``bigdit.flops``; the MFU denominator is the datasheet
+peak on known GPUs), peak memory of rank 0, both peaks (datasheet and a measured bf16/fp32 matmul), device,
+commit and command.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str]) -> None:
-    bench = {"ranks": 1, "warmup_steps": 5}
+    bench = {"ranks": 1, "warmup_steps": 5, "log_every": 5}
     overrides = []
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -39,7 +42,7 @@ def main(argv: list[str]) -> None:
         else:
             overrides.append(arg)
     with tempfile.TemporaryDirectory() as tmp:
-        train_args = [*overrides, f"run.dir={tmp}", "run.log_every=1", "run.ckpt_every=1000000000"]
+        train_args = [*overrides, f"run.dir={tmp}", f"run.log_every={bench['log_every']}", "run.ckpt_every=1000000000"]
         if bench["ranks"] > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={bench['ranks']}", "-m", "bigdit.train", *train_args]
@@ -49,8 +52,9 @@ def main(argv: list[str]) -> None:
         if proc.returncode:
             sys.exit(f"training failed:\n{proc.stderr[-4000:]}")
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-        model_cfg = OmegaConf.to_container(OmegaConf.load(Path(tmp) / "config.yaml").model)
-    timed = records[bench["warmup_steps"]:]
+        saved = OmegaConf.load(Path(tmp) / "config.yaml")
+        model_cfg, precision = OmegaConf.to_container(saved.model), saved.run.precision
+    timed = [r for r in records if r["step"] - bench["log_every"] >= bench["warmup_steps"]]
     if not timed:
         sys.exit(f"run.steps must exceed bench.warmup_steps={bench['warmup_steps']}")
 
@@ -60,6 +64,10 @@ def main(argv: list[str]) -> None:
 
     import torch
 
+    from bigdit.perf import datasheet_tflops, measured_matmul_tflops
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -69,7 +77,9 @@ def main(argv: list[str]) -> None:
         "command": "python tools/bench_train.py " + " ".join(argv),
         "img_per_s": median("img_per_s"), "step_time_s": median("step_time_s"),
         "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
-        "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in records), "steps_timed": len(timed),
+        "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in records),
+        "steps_timed": len(timed) * bench["log_every"], "peak_tflops_datasheet": datasheet_tflops(dev, dtype),
+        "peak_tflops_measured": round(measured_matmul_tflops(dev, dtype), 2),
         "model": model_cfg,
     }))
 

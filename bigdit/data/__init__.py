@@ -18,6 +18,18 @@ import numpy as np
 import torch
 
 
+def resolve_pin_memory(pin_memory: bool | None) -> bool:
+    """``data.pin_memory``: null = on when training on a GPU. Batches in page-locked host memory let the loop's
+    ``.to(device, non_blocking=True)`` copy asynchronously, overlapping the previous step's kernels."""
+    return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+
+
+def pin_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its tensors in page-locked memory (what a DataLoader with ``pin_memory`` does in its workers'
+    pinning thread; used when batches are made in the training process)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How a global batch splits into ranks and micro-batches (gradient accumulation)."""

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from bigdit.codec import LatentCodec
-from bigdit.data import BatchPlan, stream_seed
-from bigdit.data.schema import open_manifest, MDS_COLUMNS, check_key
+from bigdit.data import BatchPlan, resolve_pin_memory, stream_seed
+from bigdit.data.schema import open_manifest, MDS_COLUMNS, check_key, empty_prompt_context
 from bigdit.data.wds import ShardError, _check_count, _check_sample
 
 
@@ -231,7 +231,7 @@ class MdsLoader:
 
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
+                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
         self.root = str(root)
         self.manifest = open_manifest(self.root, self.format, remote)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
@@ -245,6 +245,8 @@ class MdsLoader:
         self.sample_shape = tuple(self.manifest.latent_shape)
         self.num_classes = self.manifest.num_classes
         self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
+        #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
+        self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
         shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
         chunk = plan.world_size * max(1, self.num_workers) * plan.micro_batch
         if self.manifest.count < chunk:
@@ -267,7 +269,7 @@ class MdsLoader:
         ).configure(self.root, shapes, bool(self.manifest.classes), skip_bad_samples)
         extra = {"prefetch_factor": int(prefetch_factor)} if self.num_workers else {}
         self.loader = StreamingDataLoader(self.dataset, batch_size=plan.micro_batch, num_workers=self.num_workers,
-                                          collate_fn=_Collate(list(shapes)), pin_memory=pin_memory,
+                                          collate_fn=_Collate(list(shapes)), pin_memory=resolve_pin_memory(pin_memory),
                                           drop_last=True, **extra)
         self._it: Iterator[dict[str, Any]] | None = None
         self._epoch = -1

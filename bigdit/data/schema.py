@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 #: Bumped whenever a field changes meaning; loaders refuse manifests with another version.
 SCHEMA_VERSION = 1
@@ -74,7 +75,7 @@ class Manifest:
     latent_dtype: str = "float16"
     flip: bool = False                  # moments_flip stored
     classes: list[str] = field(default_factory=list)
-    text: dict[str, Any] | None = None  # {model, pretrained, layer, tokens, dim, pooled_dim} (tools/cache_text.py)
+    text: dict[str, Any] | None = None  # {model, pretrained, layer, model_config, tokens, dim, pooled_dim} (cache_text)
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
     count: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)
@@ -309,3 +310,22 @@ def open_manifest(root: str, fmt: str, remote: str | None = None) -> Manifest:
     if manifest.format != fmt:
         raise SchemaError(f"{root} holds {manifest.format} shards: use data={manifest.format}")
     return manifest
+
+
+def empty_prompt_context(root: str, manifest: Manifest, remote: str | None = None) -> torch.Tensor | None:
+    """The cached empty-prompt CLIP tokens (T, D) float32 of a text dataset (None without text): what a dropped
+    caption becomes in training, so the model learns the unconditional branch guidance samples from."""
+    if manifest.text is None:
+        return None
+    if remote:
+        fetch(remote, root, EMPTY_PROMPT_NAME)
+    path = Path(root) / EMPTY_PROMPT_NAME
+    if not path.is_file():
+        raise SchemaError(f"{path} is missing: tools/cache_text.py writes it beside the manifest; rerun it on these "
+                          f"shards (finished shards are skipped)")
+    tokens = torch.from_numpy(np.load(path)["tokens"]).float()
+    want = (int(manifest.text["tokens"]), int(manifest.text["dim"]))
+    if tuple(tokens.shape) != want:
+        raise SchemaError(f"{path} holds {tuple(tokens.shape)} tokens but the manifest says {want}: rerun "
+                          f"tools/cache_text.py")
+    return tokens

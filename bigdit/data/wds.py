@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from bigdit.codec import LatentCodec
-from bigdit.data import BatchPlan, stream_seed
-from bigdit.data.schema import (open_manifest, EXT_FIELD, WDS_EXT, Manifest, SchemaError, check_key, fetch,
-                                 npy_array, npy_bytes, shard_io)
+from bigdit.data import BatchPlan, pin_batch, resolve_pin_memory, stream_seed
+from bigdit.data.schema import (open_manifest, empty_prompt_context, EXT_FIELD, WDS_EXT, Manifest, SchemaError,
+                                 check_key, fetch, npy_array, npy_bytes, shard_io)
 
 SUFFIX = ".tar"
 
@@ -366,7 +366,7 @@ def _raw_batches(streams: ShardStreams, pos: int, num_workers: int, prefetch_fac
     while True:
         ds = _EpochDataset(streams, epoch, start)
         if num_workers == 0:
-            yield from ds
+            yield from (pin_batch(b) for b in ds) if pin_memory else ds
         else:
             yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
                                                    prefetch_factor=prefetch_factor, pin_memory=pin_memory)
@@ -389,15 +389,18 @@ class ShardLoader:
 
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool = False, remote: str | None = None):
+                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
         self.root = str(root)
         self.manifest = open_manifest(self.root, self.format, remote)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
-        self.num_workers, self.prefetch_factor, self.pin_memory = int(num_workers), int(prefetch_factor), pin_memory
+        self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
         self.sample_shape = tuple(self.manifest.latent_shape)
         self.num_classes = self.manifest.num_classes
         self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
+        #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
+        self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
         shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
         self.streams = ShardStreams(self.root, self.format, self.manifest, plan.world_size, rank,
                                     max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,

@@ -19,10 +19,12 @@ from bigdit.diffusion.gaussian import (
     vb_terms_bpd,
 )
 from bigdit.diffusion.sampling import (
+    CFG_CONVENTIONS,
     GUIDANCE_MODES,
     SAMPLERS,
     ddim_sample,
     ddpm_sample,
+    dit_cfg_scale,
     dpm_solver_sample,
     guided_model_fn,
     sample,
@@ -30,6 +32,7 @@ from bigdit.diffusion.sampling import (
 
 __all__ = [
     "BETA_SCHEDULES",
+    "CFG_CONVENTIONS",
     "GUIDANCE_MODES",
     "SAMPLERS",
     "Schedule",
@@ -37,6 +40,7 @@ __all__ = [
     "ddim_sample",
     "ddpm_sample",
     "discretized_gaussian_log_likelihood",
+    "dit_cfg_scale",
     "dpm_solver_sample",
     "guided_model_fn",
     "make_betas",

@@ -36,14 +36,15 @@ def guided_model_fn(
     model: Callable[..., torch.Tensor],
     y: torch.Tensor,
     cfg_scale: float,
-    null_label: int,
+    null: int | torch.Tensor,
     guidance: str = "dit",
     in_channels: int | None = None,
     **model_kwargs: Any,
 ) -> ModelFn:
-    """Wrap a class-conditional ``model(x, t, y, **model_kwargs)`` into a classifier-free-guided ``model_fn``.
+    """Wrap a conditional ``model(x, t, y, **model_kwargs)`` into a classifier-free-guided ``model_fn``.
 
-    The returned closure runs the conditional and unconditional (label ``null_label``) passes as one
+    ``y`` is class labels (N,) with ``null`` the null label, or text conditioning (N, T, D) with ``null`` the
+    empty-prompt embedding (T, D). The returned closure runs the conditional and unconditional passes as one
     doubled batch and returns ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` for the guided channels:
 
     - ``guidance="dit"``: exactly DiT's ``forward_with_cfg``. DiT splits its output as
@@ -57,6 +58,8 @@ def guided_model_fn(
       remaining (variance) channels come from the conditional half. Requires ``in_channels``.
 
     With ``cfg_scale == 1`` guidance is the identity, so the closure makes a single plain conditional call.
+    ``cfg_scale`` is in DiT's convention; U-ViT's scale ``s`` (``(1 + s) * eps_cond - s * eps_uncond``) is
+    ``cfg_scale = 1 + s`` (:func:`dit_cfg_scale`), and U-ViT guides every channel (``guidance="all"``).
     """
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE_MODES)}")
@@ -74,7 +77,8 @@ def guided_model_fn(
 
         return conditional_fn
 
-    y_both = torch.cat([y, torch.full_like(y, null_label)])
+    y_null = null.to(y).expand_as(y) if torch.is_tensor(null) else torch.full_like(y, null)
+    y_both = torch.cat([y, y_null])
 
     def cfg_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), y_both, **model_kwargs)
@@ -83,6 +87,17 @@ def guided_model_fn(
         return torch.cat([guided, cond[:, n_guided:]], dim=1)
 
     return cfg_fn
+
+
+CFG_CONVENTIONS = ("dit", "uvit")
+
+
+def dit_cfg_scale(scale: float, convention: str = "dit") -> float:
+    """A guidance scale in DiT's convention (1 = no guidance) from one in ``convention``: DiT's as is, U-ViT's
+    ``s`` (0 = no guidance; its papers' 0.4 for ImageNet-256, 1.0 for MS-COCO) as ``1 + s``."""
+    if convention not in CFG_CONVENTIONS:
+        raise ValueError(f"unknown guidance convention {convention!r}; valid: {', '.join(CFG_CONVENTIONS)}")
+    return float(scale) + (1.0 if convention == "uvit" else 0.0)
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -113,7 +113,9 @@ class DeepSpeedStrategy(Strategy):
         # Clipping is configured in ds_config (gradient_clipping) and applied inside step().
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
+        if torch.is_tensor(norm):  # ZeRO keeps it on the device: no float() here, the loop reads it at log steps
+            return norm.detach().reshape(()).float()
+        return torch.tensor(float("nan") if norm is None else norm, device=self.device)
 
     def ema_targets(self) -> list[tuple[str, torch.Tensor]]:
         if self.zero_stage == 3:

@@ -1,7 +1,8 @@
 """Building blocks shared by the backbones, named so that official checkpoints load unchanged.
 
 Parameter names follow the official code (timm's ``Attention``/``Mlp``/``PatchEmbed`` as used by
-facebookresearch/DiT): ``qkv``/``proj``, ``fc1``/``fc2``, ``proj`` for the patch convolution.
+facebookresearch/DiT): ``qkv``/``proj``, ``fc1``/``fc2``, ``proj`` for the patch convolution. The
+cross-attention of our text-conditioned DiT/U-DiT takes PixArt-alpha's names (``q_linear``/``kv_linear``/``proj``).
 Single-device PyTorch only: strategies wrap these modules from outside.
 """
 
@@ -85,16 +86,69 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer transformer MLP; DiT uses the tanh approximation of GELU."""
+    """Two-layer transformer MLP; DiT uses the tanh approximation of GELU.
 
-    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
+    ``out_dim`` (default ``dim``) lets it change width, as PixArt-alpha's caption projection
+    ``Mlp(context_dim, hidden_size, out_dim=hidden_size)`` does.
+    """
+
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh", out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate=approximate)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from tokens ``x`` (N, T, D), keys/values from ``context`` (N, S, D).
+
+    PixArt-alpha's ``MultiHeadCrossAttention`` (same ``q_linear``/``kv_linear``/``proj`` layout, no mask:
+    every caption has the same number of tokens) through ``scaled_dot_product_attention``. The context
+    must already be projected to ``dim``. Models zero-initialise ``proj`` so that a new text model starts
+    as its time-only counterpart.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        heads = self.num_heads
+        q = self.q_linear(x).view(n, t, heads, d // heads).transpose(1, 2)
+        k, v = self.kv_linear(context).view(n, context.shape[1], 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+def init_text_conditioning(caption_embedders: list[Mlp], cross_attentions: list[CrossAttention]) -> None:
+    """PixArt-alpha's initialisation of the text path, applied after a model's generic init.
+
+    N(0, 0.02) caption-projection weights, and zero cross-attention output projections: at init no
+    block's output depends on the context, so a new text model computes its time-only counterpart.
+    """
+    for embedder in caption_embedders:
+        nn.init.normal_(embedder.fc1.weight, std=0.02)
+        nn.init.normal_(embedder.fc2.weight, std=0.02)
+    for attn in cross_attentions:
+        nn.init.zeros_(attn.proj.weight)
+        nn.init.zeros_(attn.proj.bias)
+
+
+def check_context(y: torch.Tensor | None, batch: int, tokens: int, dim: int, model: str) -> torch.Tensor:
+    """Return ``y`` if it is a batch of CLIP token embeddings (batch, tokens, dim), else raise ``ValueError``."""
+    if y is None or tuple(y.shape) != (batch, tokens, dim):
+        got = None if y is None else tuple(y.shape)
+        raise ValueError(f"text-conditioned {model} expects y (N, {tokens}, {dim}) with N={batch}, got {got}")
+    return y
 
 
 class TimestepEmbedder(nn.Module):

@@ -18,6 +18,17 @@ depthwise convs (5x5, 3x3, 1x1) plus identity. All of those are linear, so they 
 5x5-depthwise / 1x1 FFN (the official ``rep=0`` layout). :meth:`UDiT.deploy` returns a *new* merged
 model and never touches the training weights; ``eval()``/``train()`` change nothing (the official code
 merges in place on every ``eval()``, which corrupts the weights on the second call).
+
+Text-to-image (our extension, not in the U-DiT paper): pass ``context_dim`` (CLIP width) and
+``num_classes=0``, e.g. ``build_model("U-DiT-B", context_dim=768, context_tokens=77, num_classes=0)``. As in
+DiT's text form (see :mod:`bigdit.models.dit`): no label embedders, adaLN from the timestep alone, and in
+each of a block's two sub-blocks an unmodulated cross-attention ``x = x + cross_attn(norm_cross(x), ctx)``
+(affine LayerNorm over channels, every pixel a query token) between the downsampled self-attention and the
+FFN, its output projection zero-initialised. The levels differ in width, so each level has its own caption
+embedder (Linear -> GELU(tanh) -> Linear at that width), like its own timestep embedder. ``y`` is the CLIP
+token embeddings (N, context_tokens, context_dim); ``force_drop_ids`` is ignored (the training loop swaps
+dropped captions for the empty-prompt embedding). :meth:`UDiT.deploy` only merges FFNs, so it keeps the
+cross-attention as is.
 """
 
 from __future__ import annotations
@@ -30,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigdit.models.layers import LabelEmbedder, TimestepEmbedder
+from bigdit.models.layers import (
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    check_context,
+    init_text_conditioning,
+)
 
 #: The official clamp on the attention temperature's log (log 100, rounded as the official code has it).
 LOGIT_SCALE_MAX = 4.6052
@@ -196,9 +214,21 @@ class DeployFFN(nn.Module):
 
 
 class UDiTBlock(nn.Module):
-    """Two adaLN-Zero sub-blocks (downsampled attention + FFN each), named ``*1`` and ``*2`` as upstream."""
+    """Two adaLN-Zero sub-blocks (downsampled attention + FFN each), named ``*1`` and ``*2`` as upstream.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0, down_factor: int = 2, rep: bool = True):
+    With ``cross_attention`` (text form) each sub-block also attends to ``context`` (N, S, dim) between its
+    self-attention and FFN, unmodulated (``norm_cross*``/``cross_attn*``); without it the block is upstream's.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 2.0,
+        down_factor: int = 2,
+        rep: bool = True,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         ffn = RepFFN if rep else DeployFFN
         self.attn1 = DownsampledAttention(dim, num_heads, down_factor)
@@ -207,12 +237,24 @@ class UDiTBlock(nn.Module):
         self.attn2 = DownsampledAttention(dim, num_heads, down_factor)
         self.mlp2 = ffn(dim, mlp_ratio)
         self.adaLN_modulation2 = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # Plain attributes when None, so the class form's parameters and state dict stay the official ones.
+        self.norm_cross1 = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
+        self.cross_attn1 = CrossAttention(dim, num_heads) if cross_attention else None
+        self.norm_cross2 = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
+        self.cross_attn2 = CrossAttention(dim, num_heads) if cross_attention else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        subs = ((self.attn1, self.mlp1, self.adaLN_modulation1), (self.attn2, self.mlp2, self.adaLN_modulation2))
-        for attn, mlp, ada in subs:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        subs = (
+            (self.attn1, self.norm_cross1, self.cross_attn1, self.mlp1, self.adaLN_modulation1),
+            (self.attn2, self.norm_cross2, self.cross_attn2, self.mlp2, self.adaLN_modulation2),
+        )
+        for attn, norm_cross, cross_attn, mlp, ada in subs:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada(c).chunk(6, dim=1)
             x = x + gate_msa[:, :, None, None] * attn(modulate_2d(layer_norm_2d(x), shift_msa, scale_msa))
+            if cross_attn is not None:
+                # Every pixel is a query token: (N, C, H, W) -> (N, H*W, C) and back.
+                tokens = x.flatten(2).transpose(1, 2)
+                x = x + cross_attn(norm_cross(tokens), context).transpose(1, 2).reshape(x.shape)
             x = x + gate_mlp[:, :, None, None] * mlp(modulate_2d(layer_norm_2d(x), shift_mlp, scale_mlp))
         return x
 
@@ -264,13 +306,15 @@ class FinalLayer(nn.Module):
 
 
 class UDiT(nn.Module):
-    """Class-conditional U-shaped diffusion transformer over a latent grid.
+    """Class- or text-conditional U-shaped diffusion transformer over a latent grid.
 
     ``forward(x, t, y, force_drop_ids)`` maps (N, C, H, W) inputs, integer timesteps (N,) and labels (N,)
     to (N, 2C, H, W) with ``learn_sigma`` (epsilon then variance interpolation, as DiT) or (N, C, H, W).
     ``depth`` lists the blocks of the five levels (encoder 1, encoder 2, latent, decoder 2, decoder 1);
     each block holds two attention+FFN sub-blocks. ``rep=False`` builds the merged (deploy) layout
-    directly, e.g. to load a checkpoint saved from :meth:`deploy`.
+    directly, e.g. to load a checkpoint saved from :meth:`deploy`. With ``context_dim`` set (and
+    ``num_classes`` 0 or None), ``y`` is CLIP token embeddings (N, context_tokens, context_dim): see the
+    module docstring.
     """
 
     def __init__(
@@ -283,9 +327,11 @@ class UDiT(nn.Module):
         mlp_ratio: float = 2.0,
         down_factor: int = 2,
         class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
+        num_classes: int | None = 1000,
         learn_sigma: bool = True,
         rep: bool = True,
+        context_dim: int | None = None,
+        context_tokens: int = 77,
     ):
         super().__init__()
         depth = list(depth)
@@ -296,22 +342,38 @@ class UDiT(nn.Module):
             raise ValueError(
                 f"input_size {input_size} is not divisible by {4 * down_factor} (2 downsamples x {down_factor})"
             )
+        if context_dim is not None and num_classes:
+            raise ValueError(
+                f"the text-conditioned U-DiT (context_dim={context_dim}) has no class labels; pass num_classes=0"
+            )
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
+        self.num_classes = num_classes or 0
         self.class_dropout_prob = class_dropout_prob
         self.hidden_size = hidden_size
         self.rep = rep
+        self.context_dim = context_dim
+        self.context_tokens = context_tokens if context_dim is not None else 0
         c = hidden_size
-        block = partial(UDiTBlock, num_heads=num_heads, mlp_ratio=mlp_ratio, down_factor=down_factor, rep=rep)
+        block = partial(
+            UDiTBlock, num_heads=num_heads, mlp_ratio=mlp_ratio, down_factor=down_factor, rep=rep,
+            cross_attention=context_dim is not None,
+        )
 
         self.x_embedder = PatchEmbed3x3(in_channels, c)
         # One timestep/label embedder per width; registration order follows the official state dict.
+        # The text form likewise gets one caption embedder per width rather than one shared embedder plus
+        # per-level linears: each level's projection is then PixArt's at that width, with no base width to
+        # pick and no extra linear stacked on it, and it mirrors the per-level timestep embedders. It only
+        # ever sees context_tokens tokens, so the extra projections cost next to nothing.
         for level, width in ((1, c), (2, 2 * c), (3, 4 * c)):
             self.add_module(f"t_embedder_{level}", TimestepEmbedder(width))
-            self.add_module(f"y_embedder_{level}", LabelEmbedder(num_classes, width, class_dropout_prob))
+            if context_dim is None:
+                self.add_module(f"y_embedder_{level}", LabelEmbedder(num_classes, width, class_dropout_prob))
+            else:
+                self.add_module(f"caption_embedder_{level}", Mlp(context_dim, width, out_dim=width))
         self.encoder_level_1 = nn.ModuleList([block(c) for _ in range(depth[0])])
         self.down1_2 = Downsample(c)
         self.encoder_level_2 = nn.ModuleList([block(2 * c) for _ in range(depth[1])])
@@ -328,7 +390,10 @@ class UDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Official initialisation: xavier linears and convs, N(0, 0.02) embeddings, adaLN-Zero."""
+        """Official initialisation: xavier linears and convs, N(0, 0.02) embeddings, adaLN-Zero.
+
+        The text form follows PixArt-alpha: N(0, 0.02) caption embedders, zero cross-attention outputs.
+        """
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -340,7 +405,8 @@ class UDiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for level in (1, 2, 3):
-            nn.init.normal_(getattr(self, f"y_embedder_{level}").embedding_table.weight, std=0.02)
+            if self.context_dim is None:
+                nn.init.normal_(getattr(self, f"y_embedder_{level}").embedding_table.weight, std=0.02)
             t_emb = getattr(self, f"t_embedder_{level}")
             nn.init.normal_(t_emb.mlp[0].weight, std=0.02)
             nn.init.normal_(t_emb.mlp[2].weight, std=0.02)
@@ -350,6 +416,11 @@ class UDiT(nn.Module):
                 nn.init.zeros_(ada[-1].bias)
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.out_proj.parameters()):
             nn.init.zeros_(p)
+        if self.context_dim is not None:
+            init_text_conditioning(
+                [getattr(self, f"caption_embedder_{level}") for level in (1, 2, 3)],
+                [attn for blk in self.repeated_blocks() for attn in (blk.cross_attn1, blk.cross_attn2)],
+            )
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The blocks a strategy shards, checkpoints or compiles one by one (all levels, in order)."""
@@ -375,36 +446,46 @@ class UDiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict epsilon (and the variance interpolation with ``learn_sigma``) for ``x`` at timesteps ``t``."""
+        """Predict epsilon (and the variance interpolation with ``learn_sigma``) for ``x`` at timesteps ``t``.
+
+        ``y``: labels (N,), or CLIP tokens (N, context_tokens, context_dim) in the text form, where
+        ``force_drop_ids`` is ignored (the training loop substitutes the empty-prompt embedding).
+        """
         if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"U-DiT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
-        # Drop labels once for all three levels (upstream draws a separate mask per level, so a sample
-        # could be conditional at one width and unconditional at another).
-        if force_drop_ids is not None or (self.training and self.class_dropout_prob > 0):
-            y = self.y_embedder_1.token_drop(y, force_drop_ids)
-        c1 = self.t_embedder_1(t) + self.y_embedder_1(y, False)
-        c2 = self.t_embedder_2(t) + self.y_embedder_2(y, False)
-        c3 = self.t_embedder_3(t) + self.y_embedder_3(y, False)
+        if self.context_dim is None:
+            # Drop labels once for all three levels (upstream draws a separate mask per level, so a sample
+            # could be conditional at one width and unconditional at another).
+            if force_drop_ids is not None or (self.training and self.class_dropout_prob > 0):
+                y = self.y_embedder_1.token_drop(y, force_drop_ids)
+            c1 = self.t_embedder_1(t) + self.y_embedder_1(y, False)
+            c2 = self.t_embedder_2(t) + self.y_embedder_2(y, False)
+            c3 = self.t_embedder_3(t) + self.y_embedder_3(y, False)
+            ctx1 = ctx2 = ctx3 = None
+        else:
+            y = check_context(y, x.shape[0], self.context_tokens, self.context_dim, "U-DiT")
+            c1, c2, c3 = self.t_embedder_1(t), self.t_embedder_2(t), self.t_embedder_3(t)
+            ctx1, ctx2, ctx3 = self.caption_embedder_1(y), self.caption_embedder_2(y), self.caption_embedder_3(y)
 
         enc1 = self.x_embedder(x)
         for blk in self.encoder_level_1:
-            enc1 = blk(enc1, c1)
+            enc1 = blk(enc1, c1, ctx1)
         enc2 = self.down1_2(enc1)
         for blk in self.encoder_level_2:
-            enc2 = blk(enc2, c2)
+            enc2 = blk(enc2, c2, ctx2)
         h = self.down2_3(enc2)
         for blk in self.latent:
-            h = blk(h, c3)
+            h = blk(h, c3, ctx3)
         h = self.reduce_chan_level2(torch.cat([self.up3_2(h), enc2], dim=1))
         for blk in self.decoder_level_2:
-            h = blk(h, c2)
+            h = blk(h, c2, ctx2)
         h = self.reduce_chan_level1(torch.cat([self.up2_1(h), enc1], dim=1))
         # The full-resolution decoder runs at 2C and reuses the level-2 conditioning, as upstream.
         for blk in self.decoder_level_1:
-            h = blk(h, c2)
+            h = blk(h, c2, ctx2)
         return self.final_layer(self.output(h), c2)
 
 
