@@ -2,7 +2,8 @@
 # Install and start a real single-node SLURM cluster on this machine (Debian/Ubuntu, root only) for the
 # SLURM tests: munge -> mariadb -> slurmdbd (so sacct and submitit see job states) -> slurmctld -> slurmd.
 #
-#   sudo launchers/slurm_cluster.sh          # idempotent: a no-op when a cluster already answers
+#   sudo launchers/slurm_cluster.sh          # idempotent: a no-op when a cluster already answers (with an
+#                                            # outdated slurm.conf: rewrites it and runs scontrol reconfigure)
 #   launchers/slurm_cluster.sh --check       # exit 0 when a cluster answers, 1 otherwise (no changes)
 #
 # The daemons are started directly (no systemd: containers and CI runners often lack it). The node is this
@@ -12,8 +13,58 @@ set -euo pipefail
 
 answers() { command -v sinfo >/dev/null 2>&1 && timeout 10 sinfo -h -o %T 2>/dev/null | grep -Eq 'idle|mix|alloc'; }
 
+host=$(hostname -s)
+cpus=$(nproc)
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+
+# The slurm.conf of this one-node cluster. JobRequeue lets batch jobs requeue. KillWait (SIGTERM to SIGKILL)
+# is SLURM's default 30 s: the tasks of a cancelled or requeued job finish their step and write a checkpoint
+# in that time (bigdit catches SIGTERM); the old 5 s could cut that checkpoint short.
+slurm_conf() {
+  cat <<CONF
+ClusterName=bigdit
+SlurmctldHost=$host
+AuthType=auth/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+ReturnToService=2
+JobRequeue=1
+KillWait=30
+MinJobAge=600
+InactiveLimit=0
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+JobAcctGatherType=jobacct_gather/none
+NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+}
+
 if [[ ${1:-} == --check ]]; then answers; exit; fi
-if answers; then echo "slurm: a cluster already answers (sinfo); nothing to do"; exit 0; fi
+if answers; then
+  if [[ "$(slurm_conf)" == "$(cat /etc/slurm/slurm.conf 2>/dev/null)" ]]; then
+    echo "slurm: a cluster already answers (sinfo); nothing to do"; exit 0
+  fi
+  # A cluster started by an older version of this script: apply the current slurm.conf in place.
+  if [[ $(id -u) != 0 ]]; then
+    echo "slurm: /etc/slurm/slurm.conf is outdated: run 'sudo $0' to update it" >&2; exit 1
+  fi
+  slurm_conf >/etc/slurm/slurm.conf
+  scontrol reconfigure
+  echo "slurm: cluster answers; updated /etc/slurm/slurm.conf (scontrol reconfigure)"; exit 0
+fi
 if [[ $(id -u) != 0 ]]; then
   echo "slurm: no cluster answers and installing one needs root: run 'sudo $0'" >&2
   exit 1
@@ -34,9 +85,6 @@ if ((${#need[@]})); then
   rm -f /usr/sbin/policy-rc.d
 fi
 
-host=$(hostname -s)
-cpus=$(nproc)
-mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/slurm
 chown munge:munge /run/munge 2>/dev/null || true
 
@@ -71,37 +119,7 @@ PidFile=/run/slurmdbd.pid
 LogFile=/var/log/slurm/slurmdbd.log
 CONF
 chmod 600 /etc/slurm/slurmdbd.conf
-
-# Short KillWait/MessageTimeout keep requeue and timeout tests quick; JobRequeue lets batch jobs requeue.
-cat >/etc/slurm/slurm.conf <<CONF
-ClusterName=bigdit
-SlurmctldHost=$host
-AuthType=auth/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-JobRequeue=1
-KillWait=5
-MinJobAge=600
-InactiveLimit=0
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-JobAcctGatherType=jobacct_gather/none
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
-CONF
+slurm_conf >/etc/slurm/slurm.conf
 
 pgrep -x slurmdbd >/dev/null || slurmdbd
 for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done

@@ -1,12 +1,17 @@
-"""Shared test fixtures: reference layouts, a tiny demo-like config, repo paths."""
+"""Shared test fixtures: reference layouts, digit shards, the tiny VAE / CLIP tower / captioned images the tool
+tests load through the real loading code, repo paths."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bigdit  # noqa: F401  (environment fixes before third-party imports)
 
@@ -44,3 +49,52 @@ def reference_layouts() -> dict:
     if not REFERENCE.is_file():
         pytest.skip(f"{REFERENCE} not present (it sits beside the checkout in CI and developer machines)")
     return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=16, scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
+    import open_clip
+
+    d = tmp_path_factory.mktemp("clip")
+    (d / "tiny-clip-test.json").write_text(json.dumps({
+        "embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(str(d / "tiny-clip-test.json"))
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), d / "tiny.pt")
+    return str(d / "tiny-clip-test.json"), d / "tiny.pt"
+
+
+def image(seed: int, size=(40, 28)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def caption_tars(tmp_path_factory) -> Path:
+    """img2dataset-style input: jpg + txt + json members."""
+    root = tmp_path_factory.mktemp("tars")
+    for t in range(2):
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"{t:05d}{i:04d}"
+                buf = io.BytesIO()
+                image(100 + 3 * t + i).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"photo number {i} of {t}".encode()),
+                                  ("json", json.dumps({"url": f"http://x/{key}"}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root

@@ -4,24 +4,21 @@ loaded back through the real loading code, then verified on both shard formats."
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from bigdit.data.mds import MdsLoader
 from bigdit.data import BatchPlan
 from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest
 from bigdit.train import CONFIG_DIR
 
-from conftest import REPO
+from conftest import REPO, image
 
 sys.path.insert(0, str(REPO / "tools"))
 import cache_text  # noqa: E402
@@ -39,61 +36,12 @@ def encode(**overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=16, scaling_factor=0.5)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
-    import open_clip
-
-    d = tmp_path_factory.mktemp("clip")
-    (d / "tiny-clip-test.json").write_text(json.dumps({
-        "embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
-    open_clip.add_model_config(str(d / "tiny-clip-test.json"))
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), d / "tiny.pt")
-    return str(d / "tiny-clip-test.json"), d / "tiny.pt"
-
-
-def image(seed: int, size=(40, 28)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folder")
     for c, cls in enumerate(["dog", "cat"]):
         (root / cls).mkdir()
         for i in range(5):
             image(10 * c + i).save(root / cls / f"img.{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def caption_tars(tmp_path_factory) -> Path:
-    """img2dataset-style input: jpg + txt + json members."""
-    root = tmp_path_factory.mktemp("tars")
-    for t in range(2):
-        with tarfile.open(root / f"{t:05d}.tar", "w") as tar:
-            for i in range(3):
-                key = f"{t:05d}{i:04d}"
-                buf = io.BytesIO()
-                image(100 + 3 * t + i).save(buf, format="JPEG")
-                for ext, data in (("jpg", buf.getvalue()), ("txt", f"photo number {i} of {t}".encode()),
-                                  ("json", json.dumps({"url": f"http://x/{key}"}).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
     return root
 
 
@@ -133,6 +81,7 @@ def test_captions_encode_cache_text_verify_and_load(tmp_path, tiny_vae, caption_
     batch = next(loader.micro_batches(0))
     assert batch["x"].shape == (2, 4, 8, 8) and batch["clip_tokens"].shape == (2, 77, 32)
     assert batch["clip_pooled"].shape == (2, 24)
+    torch.testing.assert_close(loader.empty_context, torch.from_numpy(empty["tokens"]).float())  # caption dropout
 
 
 def test_multi_rank_encoding_is_disjoint_complete_and_resumable(tmp_path):
@@ -179,3 +128,20 @@ def test_cli_help_and_run(tmp_path):
                           "limit=64", "shard_size=32", "progress=false"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert "64 samples, 2 wds shards" in out and "per-channel latent std" in out
+
+
+def test_cache_text_splits_shards_between_ranks_like_one_process(tmp_path, caption_tars, tiny_clip):
+    """Two ranks each caption their shards (i % 2); the second to finish writes the manifest and empty prompt,
+    and the result is what one process writes."""
+    config, weights = tiny_clip
+    encode(input=caption_tars, out=tmp_path / "lat", vae="none", resolution=8, flip=False, shard_size=2)
+    common = dict(shards=tmp_path / "lat", clip_model="tiny-clip-test", pretrained=weights, model_config=config)
+    one = cache_text.run(tool_cfg("cache_text", out=tmp_path / "one", **common))
+    assert cache_text.run(tool_cfg("cache_text", out=tmp_path / "two", rank=0, world_size=2, **common)) is None
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.json")) == ["shard-000000.json", "shard-000002.json"]
+    two = cache_text.run(tool_cfg("cache_text", out=tmp_path / "two", rank=1, world_size=2, **common))
+    assert two == one and (tmp_path / "two" / EMPTY_PROMPT_NAME).is_file()
+    for name in (s["name"] for s in one.shards):
+        for a, b in zip(shards.shard_io("wds").read_shard(tmp_path / "one", name),
+                        shards.shard_io("wds").read_shard(tmp_path / "two", name)):
+            assert a["key"] == b["key"] and np.array_equal(a["clip_tokens"], b["clip_tokens"])

@@ -11,6 +11,9 @@ To interrupt a job at a known point, its first allocation reads data through :cl
 delay per batch, nothing else changes); requeued allocations (``SLURM_RESTART_COUNT`` >= 1) run at full
 speed. SLURM holds a requeued job for 2 minutes before it is eligible again (``BeginTime``); the tests
 release it at once with ``scontrol update StartTime=now``, as an operator could.
+
+The offline tools launch through the same launcher: ``tools/encode_latents.py`` as a 2-task job and as a
+2-task job array, and ``tools/cache_text.py`` as a 2-task job, must write the same shards as one process.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ BASE = [
     "run.log_every=1", "run.ckpt_every=3", "ema.decay=0.9", "optim.warmup_steps=0", "optim.schedule=constant",
     "optim.lr=2e-3", "strategy=deepspeed", "strategy.zero_stage=2", f"run.steps={STEPS}",
 ]
+ENCODE = ["input=sklearn:digits", "vae=none", "limit=300", "shard_size=40", "progress=false"]  # 8 shards
 SLURM_2_TASKS = ["launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.time_min=5"]
 
 
@@ -83,6 +87,16 @@ class FailingDigits(Digits):
         return super().get(indices)
 
 
+class HangingDigits(FailingDigits):
+    """The digits, except that rank ``fail_rank`` sleeps forever at its ``at_call``-th batch: a rank that hangs."""
+
+    def get(self, indices):
+        if int(os.environ.get("RANK", 0)) == self.fail_rank and self.calls + 1 >= self.at_call:
+            while True:
+                time.sleep(1)
+        return super().get(indices)
+
+
 def cluster_answers() -> bool:
     return shutil.which("sinfo") is not None and subprocess.run(
         [str(REPO / "launchers" / "slurm_cluster.sh"), "--check"], capture_output=True).returncode == 0
@@ -98,13 +112,18 @@ def slurm():
         pytest.skip(reason)
 
 
-def submit(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``launchers/submit.py`` with the tiny run's overrides; the job environment can import this file."""
+def run_script(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in the repo, which must succeed; the jobs it submits can import this file."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "launchers/submit.py", *BASE, f"run.dir={run_dir}", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def submit(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``launchers/submit.py`` with the tiny run's overrides."""
+    return run_script("launchers/submit.py", *BASE, f"run.dir={run_dir}", *overrides, timeout=timeout)
 
 
 def submit_slurm(run_dir: Path, *overrides: str) -> str:
@@ -241,26 +260,48 @@ def test_timeout_signal_requeues_and_resumes_exactly(slurm, reference, tmp_path)
 
 
 def test_scontrol_requeue_then_scancel_preemption_resume_exactly(slurm, reference, tmp_path):
-    # Allocation 0 is killed by `scontrol requeue` (an operator, a node failure) after the step-3 checkpoint:
-    # no extra checkpoint, the next allocation resumes at step 3. Allocation 1 gets `scancel --signal=USR2`
-    # (what a preempting scheduler sends): an extra checkpoint at the next step boundary and a self-requeue.
-    # Allocation 2 finishes. One job for both keeps the test short.
+    # Allocation 0 is ended by `scontrol requeue` (an operator, a node failure), which sends SIGTERM: an extra
+    # checkpoint at the next step boundary and an exit without self-requeue (SLURM requeues the job itself).
+    # Allocation 1 gets `scancel --signal=USR2` (what a preempting scheduler sends): an extra checkpoint at the
+    # next step boundary and a self-requeue. Allocation 2 finishes. One job for both keeps the test short.
     job = submit_slurm(tmp_path, *slow(2.0, allocations=2))
     wait_for_step(tmp_path, job, 4)
     subprocess.run(["scontrol", "requeue", job], check=True)
-    # The requeue kills allocation 0 a few seconds later (KillWait), so it may reach the step-6 checkpoint
-    # first: allocation 1 resumes at step 3 or 6. Preempt it as soon as it trains.
-    wait_for_step(tmp_path, job, None, restart=1)
+    wait_for_step(tmp_path, job, None, restart=1)  # preempt allocation 1 as soon as it trains
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     info = wait_job(job)
     assert_resumed(tmp_path, job, info, reference)
     assert int(info["Restarts"]) == 2, info
     log = logs(tmp_path, job)
     resumed = int(re.search(r"resumed at step (\d+)", log).group(1))
-    assert resumed in (3, 6), resumed  # a periodic checkpoint: scontrol requeue takes no extra one
+    # Allocation 1 resumes from the SIGTERM checkpoint, not from the periodic step-3 one.
+    assert resumed == int(re.search(r"SIGTERM received, checkpoint at step (\d+)", log).group(1)) >= 4
     # The preemption checkpoint is taken at the next step boundary, between the periodic ones.
     step = int(re.search(r"signal received, checkpoint at step (\d+)", log).group(1))
     assert resumed < step < STEPS
+
+
+def test_scancel_checkpoints_at_next_step_and_resubmitting_resumes_exactly(slurm, reference, tmp_path):
+    from bigdit.checkpoint import latest_checkpoint, step_tag
+
+    job = submit_slurm(tmp_path, *slow(3.0))
+    wait_for_step(tmp_path, job, 4)
+    subprocess.run(["scancel", job], check=True)  # SIGTERM to every task, SIGKILL KillWait (30 s) later
+    info = wait_job(job)
+    assert info["JobState"] == "CANCELLED", info
+    log = logs(tmp_path, job)
+    assert "resubmit the same command" in log, log[-4000:]  # how to resume; and no self-requeue
+    assert int(info["Restarts"]) == 0, info
+    # The checkpoint of the step boundary after the SIGTERM (step 5 takes 3 s), between the periodic ones.
+    step = int(re.search(r"SIGTERM received, checkpoint at step (\d+) written", log).group(1))
+    assert step in (4, 5), step
+    assert latest_checkpoint(tmp_path / "checkpoints").name == step_tag(step)
+    # The same command again (only the test's data delay is off) resumes there and ends like the reference.
+    job = submit_slurm(tmp_path, *slow(3.0, allocations=0))
+    info = wait_job(job)
+    assert info["JobState"] == "COMPLETED", (info, logs(tmp_path, job)[-4000:])
+    assert f"resumed at step {step}" in logs(tmp_path, job)
+    assert_same_run(tmp_path, reference)
 
 
 def test_dead_rank_fails_the_job_at_once_naming_rank_and_host(slurm, tmp_path):
@@ -271,6 +312,111 @@ def test_dead_rank_fails_the_job_at_once_naming_rank_and_host(slurm, tmp_path):
     assert time.time() - t0 < 100  # srun --kill-on-bad-exit: rank 0 does not wait for a collective timeout
     host = socket.gethostname()
     assert f"rank 1/2 on {host} (SLURM job {job}, restart 0) failed: RuntimeError: injected failure" in logs(tmp_path, job)
+
+
+def test_hung_rank_fails_the_job_naming_rank_host_and_where(slurm, tmp_path):
+    # Rank 1 sleeps forever in data loading at its 3rd batch; rank 0 waits in DeepSpeed's gradient reduction,
+    # whose ZeRO group must time out after strategy.timeout_s too (torch's default for new groups is 30 min).
+    job = submit_slurm(tmp_path, "data.source._target_=test_slurm.HangingDigits", "strategy.timeout_s=15")
+    t0 = time.time()
+    info = wait_job(job, timeout=150)
+    assert info["JobState"] == "FAILED", info
+    assert time.time() - t0 < 120  # start-up, 2 steps, the 15 s timeout, the 5 s grace: not a silent hang
+    log = logs(tmp_path, job)
+    # Rank 0's collective timed out; from the heartbeats it names the rank that never reached it.
+    assert "rank 0/2 on" in log and "Timed out" in log, log[-4000:]
+    named = (rf"rank 1 on {socket.gethostname()} \(pid \d+\) last finished step 2, \d+ s ago, now in "
+             rf"{re.escape(str(TESTS / 'test_slurm.py'))}:\d+ get: it probably hangs; "
+             rf"see {tmp_path}/submitit/{job}_1_log.out")
+    assert re.search(named, log), log[-4000:]
+
+
+def test_encode_latents_dry_run_prints_array_sbatch(tmp_path):
+    out = run_script("tools/encode_latents.py", *ENCODE, f"out={tmp_path / 'out'}", "launcher=slurm",
+                     "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.array=8",
+                     "launcher.array_parallelism=2", "launcher.dry_run=true", timeout=60).stdout
+    lines = set(out.splitlines())
+    for flag in ("--array=0-7%2", "--ntasks-per-node=2", "--requeue", "--signal=USR2@120",
+                 f"--output={tmp_path}/out/submitit/%A_%a_0_log.out"):
+        assert f"#SBATCH {flag}" in lines, (flag, out)
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun and "submitit.core._submit" in srun and "%A_%a_%t_log.out" in srun
+    assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
+
+
+@pytest.fixture(scope="module")
+def digit_latents(tmp_path_factory) -> Path:
+    """The shards of one ``tools/encode_latents.py`` process."""
+    out = tmp_path_factory.mktemp("latents")
+    run_script("tools/encode_latents.py", *ENCODE, f"out={out}", timeout=120)
+    return out
+
+
+def encode_on_slurm(out: Path, *launcher: str) -> str:
+    """``tools/encode_latents.py`` submitting itself with ``launcher`` overrides, waiting for the job; its id."""
+    text = run_script("tools/encode_latents.py", *ENCODE, f"out={out}", "launcher=slurm", "launcher.gpus_per_node=0",
+                      "launcher.time_min=5", "launcher.wait=true", *launcher, timeout=120).stdout
+    match = re.search(r"submitted SLURM (?:array )?job (\d+): .* of encode_latents", text)
+    assert match and f"finished: {out}" in text, text
+    return match.group(1)
+
+
+def assert_same_shards(out: Path, reference: Path) -> None:
+    """The same manifest (shards, counts, stats) and, shard by shard, the same samples: keys, labels, arrays."""
+    from bigdit.data.schema import shard_io
+
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    io = shard_io(manifest["format"])
+    for shard in manifest["shards"]:
+        got, want = list(io.read_shard(out, shard["name"])), list(io.read_shard(reference, shard["name"]))
+        assert [(s["key"], s["cls"]) for s in got] == [(s["key"], s["cls"]) for s in want]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a["moments"], b["moments"])
+            np.testing.assert_array_equal(a["moments_flip"], b["moments_flip"])
+
+
+def test_encode_latents_as_two_task_job_matches_one_process(slurm, digit_latents, tmp_path):
+    job = encode_on_slurm(tmp_path, "launcher.tasks_per_node=2")
+    assert_same_shards(tmp_path, digit_latents)
+    for rank in (0, 1):  # each task encoded its own half of the 8 shards; the logs are beside the shards
+        log = (tmp_path / "submitit" / f"{job}_{rank}_log.out").read_text()
+        assert f"rank {rank}/2: 300 images in 8 shards, 4 shard(s)" in log, log
+
+
+def test_encode_latents_as_two_task_array_matches_one_process(slurm, digit_latents, tmp_path):
+    job = encode_on_slurm(tmp_path, "launcher.tasks_per_node=1", "launcher.array=2")
+    assert_same_shards(tmp_path, digit_latents)
+    for index in (0, 1):  # array job <index> took slice <index>; logs <job>_<index>_<task>_log.out
+        log = (tmp_path / "submitit" / f"{job}_{index}_0_log.out").read_text()
+        assert f"rank {index}/2: 300 images in 8 shards, 4 shard(s)" in log, log
+
+
+def test_cache_text_as_two_task_job_matches_one_process(slurm, caption_tars, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    run_script("tools/encode_latents.py", f"input={caption_tars}", "vae=none", "resolution=8", "flip=false",
+               "shard_size=2", "num_workers=0", "progress=false", f"out={tmp_path / 'lat'}", timeout=120)
+    common = [f"shards={tmp_path / 'lat'}", "clip_model=tiny-clip-test", f"pretrained={weights}",
+              f"model_config={config}", "progress=false"]
+    run_script("tools/cache_text.py", *common, f"out={tmp_path / 'one'}", timeout=120)
+    text = run_script("tools/cache_text.py", *common, f"out={tmp_path / 'job'}", "launcher=slurm",
+                      "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.time_min=5",
+                      "launcher.wait=true", timeout=180).stdout
+    job = re.search(r"submitted SLURM job (\d+)", text).group(1)
+    assert f"finished: {tmp_path / 'job'}" in text, text
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert json.loads((tmp_path / "job" / "manifest.json").read_text()) == manifest
+    for rank, shards in ((0, 2), (1, 1)):  # 3 shards: 0 and 2 to task 0, 1 to task 1
+        log = (tmp_path / "job" / "submitit" / f"{job}_{rank}_log.out").read_text()
+        assert f"rank {rank}/2: {shards} of 3 shards to caption here" in log, log
+    from bigdit.data.schema import shard_io
+
+    for shard in manifest["shards"]:
+        for a, b in zip(shard_io("wds").read_shard(tmp_path / "one", shard["name"]),
+                        shard_io("wds").read_shard(tmp_path / "job", shard["name"])):
+            assert a["key"] == b["key"]
+            np.testing.assert_allclose(a["clip_tokens"].astype(np.float32), b["clip_tokens"].astype(np.float32),
+                                       atol=2e-3)
 
 
 def test_guard_decides_requeue_bound_and_messages(monkeypatch):
@@ -302,3 +448,55 @@ def test_guard_decides_requeue_bound_and_messages(monkeypatch):
     finally:
         preemption._state.update(installed=False, signal=None)
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_stop_signal_checkpoints_and_never_requeues(monkeypatch):
+    """In one process: SIGTERM (scancel, a preemption) is seen at the next step boundary like USR2, but on
+    SLURM too the guard exits with how to resume instead of requeueing (SLURM requeues by itself, or not)."""
+    from types import SimpleNamespace
+
+    from bigdit import preemption
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        preemption.install((signal.SIGUSR2,), max_requeues=2, stop_signals=(signal.SIGTERM,))
+        guard = preemption.PreemptionGuard.for_strategy(SimpleNamespace(info=SimpleNamespace(world_size=1, rank=0)))
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.stop_requested(5) and guard.terminate
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        with pytest.raises(preemption.PreemptedError, match="checkpoint at step 5 .* not requeuing"):
+            guard.stop(5, "runs/x")
+    finally:
+        preemption._state.update(installed=False, signal=None, terminated=False)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
+    """In one process: rank 0's collective failed; of its 4 peers, rank 1 failed alike, rank 2's heartbeat is
+    fresh (it hangs where it says), rank 3's stopped (frozen), rank 4 never wrote one in this allocation."""
+    from bigdit import preemption
+
+    try:
+        preemption.install((), job="9.1", log="logs/9_0_log.out")
+        preemption._state["heartbeat"] = me = preemption.Heartbeat(tmp_path, 0, 5, "9.1", "logs/9_0_log.out",
+                                                                   every_s=3600)
+        now = time.time()
+        for rank, failed, beat in ((1, "timeout", now), (2, None, now), (3, None, now - 4 * 3600)):
+            record = dict(me.record, rank=rank, pid=100 + rank, log=f"logs/9_{rank}_log.out", step=2,
+                          step_time=now - 30, failed=failed, time=beat, where="loader.py:7 get")
+            (me.dir / f"rank-{rank:05d}.json").write_text(json.dumps(record))
+        (me.dir / "rank-00004.json").write_text(json.dumps(dict(me.record, rank=4, job="9.0")))  # a previous allocation
+        lines = preemption.hang_report("RuntimeError: Timed out", grace_s=0)
+    finally:
+        preemption._state.update(installed=False, heartbeat=None)
+    host = socket.gethostname()
+    assert lines == [
+        f"rank 2 on {host} (pid 102) last finished step 2, 30 s ago, now in loader.py:7 get: it probably hangs; "
+        "see logs/9_2_log.out",
+        f"rank 3 on {host} (pid 103) last finished step 2, 30 s ago, its heartbeat stopped 14400 s ago: the process "
+        "is frozen or gone; see logs/9_3_log.out",
+        "rank 4 never wrote a heartbeat in this allocation: it hangs before the training loop",
+    ]
+    assert json.loads(me.path.read_text())["failed"] == "RuntimeError: Timed out"  # rank 0 marked itself

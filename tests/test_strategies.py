@@ -124,3 +124,15 @@ def test_per_rank_state_is_logged_and_sharded(tmp_path):
     full, sharded = mib(ddp), mib(zero3)
     for key in ("params", "grads", "optimizer", "ema"):
         assert sharded[key] == pytest.approx(full[key] / 2, abs=0.15), key
+
+
+def test_groups_libraries_create_get_the_strategy_timeout():
+    """DeepSpeed makes its ZeRO group with ``new_group(ranks)`` and no timeout; torch would give it 30 minutes
+    on gloo whatever the world group has, so a hung rank would stall the job that long."""
+    code = ("import bigdit, torch.distributed as dist; from torch.distributed import distributed_c10d as c10d; "
+            "from bigdit.engine import build_strategy; build_strategy('deepspeed', timeout_s=7); "
+            "print(c10d._get_default_timeout(dist.Backend.GLOO).total_seconds())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "7.0"

@@ -20,7 +20,7 @@ from bigdit.models import build_model
 from bigdit.train import CONFIG_DIR, conditioning, train
 
 from conftest import REPO
-from test_encode_tools import caption_tars, cache_text, encode, tiny_clip, tiny_vae, tool_cfg  # noqa: F401
+from test_encode_tools import cache_text, encode, tool_cfg
 
 PRESETS = {  # preset -> (model, parameters, sampler, steps, DiT-form guidance scale)
     "dit_xl2_in256": ("DiT-XL/2", 675_129_632, "ddpm", 250, 1.5),
@@ -47,7 +47,7 @@ def train_cfg(run_dir: Path, shards: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def text_shards(tmp_path_factory, tiny_vae, caption_tars, tiny_clip) -> Path:  # noqa: F811
+def text_shards(tmp_path_factory, tiny_vae, caption_tars, tiny_clip) -> Path:
     """6 captioned images -> 4x16x16 latents (3 WebDataset shards) -> + CLIP tokens of the tiny tower."""
     config, weights = tiny_clip
     root = tmp_path_factory.mktemp("t2i")

@@ -5,12 +5,16 @@ Reads every sample's ``txt`` from a shard directory, runs the open_clip text tow
 shards (same names and keys, every field kept) to ``out`` with ``clip_tokens`` (77 x D per-token states
 after the final layer norm, from the ``last`` or ``penultimate`` block) and ``clip_pooled`` (the pooled,
 projected embedding), both float16. Also writes ``empty_prompt.npz`` (tokens, pooled) beside the manifest
-for classifier-free guidance. Resumable per shard; keys: configs/cache_text.yaml or ``--help``.
+for classifier-free guidance. Resumable per shard. Shard ``i`` belongs to rank ``i % world_size`` (``rank``/
+``world_size`` keys, the SLURM array/task or torchrun environment, or ``launcher=slurm`` with several tasks or
+``launcher.array``); the rank that finds every shard done writes the manifest. Keys: configs/cache_text.yaml
+or ``--help``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import hydra
@@ -20,49 +24,15 @@ from omegaconf import DictConfig
 
 import bigdit  # noqa: F401  (torchvision shim before open_clip)
 from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest, shard_io, write_json_atomic
+from bigdit.launch import run_or_submit, work_slice
+from bigdit.text import TextEncoder
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-class TextEncoder:
-    """An open_clip text tower returning per-token states (after ``ln_final``) and pooled embeddings."""
-
-    def __init__(self, model: str, pretrained: str | None, layer: str = "last", device: str = "cpu",
-                 model_config: str | None = None):
-        import open_clip
-
-        if layer not in ("last", "penultimate"):
-            raise ValueError(f"layer={layer!r}: use last or penultimate")
-        if model_config:  # a custom architecture (e.g. the tests' tiny tower): register its JSON config
-            open_clip.add_model_config(model_config)
-        self.model = open_clip.create_model(model, pretrained=pretrained or None, device=device).eval()
-        self.tokenizer = open_clip.get_tokenizer(model)
-        self.device = device
-        self.layer = layer
-        blocks = self.model.transformer.resblocks
-        self._captured: list[torch.Tensor] = []
-        # Hooks see the states the pooled embedding is computed from, so one encode_text call gives both.
-        target = self.model.ln_final if layer == "last" else blocks[-2]
-        target.register_forward_hook(lambda mod, args, out: self._captured.append(out))
-        self.tokens = int(self.model.positional_embedding.shape[0])
-        self.dim = int(self.model.ln_final.normalized_shape[0])
-
-    @torch.no_grad()
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens (N, T, D), pooled (N, P)) float16 for a list of captions."""
-        ids = self.tokenizer(texts).to(self.device)
-        self._captured.clear()
-        pooled = self.model.encode_text(ids)
-        states = self._captured[-1]
-        if not getattr(self.model.transformer, "batch_first", True):
-            states = states.transpose(0, 1)
-        if self.layer == "penultimate":
-            states = self.model.ln_final(states)
-        return states.float().cpu().half().numpy(), pooled.float().cpu().half().numpy()
-
-
-def run(cfg: DictConfig) -> Manifest:
-    """Write ``cfg.out``: the shards of ``cfg.shards`` plus CLIP text embeddings."""
+def run(cfg: DictConfig) -> Manifest | None:
+    """Write this rank's shards of ``cfg.out`` (those of ``cfg.shards`` plus CLIP text embeddings); returns the
+    manifest once every shard exists, None while other ranks still work."""
     from tqdm import tqdm
 
     if cfg.shards is None or cfg.out is None:
@@ -75,12 +45,13 @@ def run(cfg: DictConfig) -> Manifest:
     enc = TextEncoder(cfg.clip_model, cfg.pretrained, cfg.layer, device, cfg.model_config)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=manifest.count, unit="caption", disable=not cfg.progress) as bar:
-        for shard in manifest.shards:
+    rank, world = work_slice(cfg)
+    mine = [shard for i, shard in enumerate(manifest.shards)
+            if i % world == rank and not (out / f"{shard['name']}.json").is_file()]
+    print(f"rank {rank}/{world}: {len(mine)} of {len(manifest.shards)} shards to caption here", flush=True)
+    with tqdm(total=sum(s["count"] for s in mine), unit="caption", disable=not cfg.progress) as bar:
+        for shard in mine:
             name = shard["name"]
-            if (out / f"{name}.json").is_file():
-                bar.update(shard["count"])
-                continue
             samples = list(io.read_shard(cfg.shards, name))
             missing = [s["key"] for s in samples if s.get("txt") is None]
             if missing:
@@ -100,9 +71,16 @@ def run(cfg: DictConfig) -> Manifest:
             record = json.loads((Path(cfg.shards) / f"{name}.json").read_text())
             record["bytes"] = io.shard_bytes(out, name)
             write_json_atomic(out / f"{name}.json", record)
+    if not all((out / f"{shard['name']}.json").is_file() for shard in manifest.shards):
+        print(f"rank {rank}: done; other ranks still own missing shards, the last one to finish writes "
+              f"{out}/manifest.json", flush=True)
+        return None
     tokens, pooled = enc([""])
-    np.savez(out / EMPTY_PROMPT_NAME, tokens=tokens[0], pooled=pooled[0])
-    manifest.text = {"model": cfg.clip_model, "pretrained": cfg.pretrained, "layer": cfg.layer, "tokens": enc.tokens,
+    tmp = out / f".{os.getpid()}.{EMPTY_PROMPT_NAME}"  # renamed: several last ranks may finish together
+    np.savez(tmp, tokens=tokens[0], pooled=pooled[0])
+    os.replace(tmp, out / EMPTY_PROMPT_NAME)
+    manifest.text = {"model": cfg.clip_model, "pretrained": cfg.pretrained, "layer": cfg.layer,
+                     "model_config": cfg.model_config, "tokens": enc.tokens,
                      "dim": enc.dim, "pooled_dim": int(pooled.shape[-1])}
     if manifest.format == "mds":
         from bigdit.data.mds import merge_index
@@ -116,7 +94,7 @@ def run(cfg: DictConfig) -> Manifest:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="cache_text", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_or_submit(cfg, __file__, run)  # launcher=slurm|local: a job whose tasks each caption their slice
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
 Keys (configs/encode_latents.yaml, or ``--help``): input, out, format=wds|mds, vae, resolution, flip,
 batch_size, shard_size. The input list is shuffled with ``seed`` and cut into shards of ``shard_size``;
 shard ``i`` belongs to rank ``i % world_size``, so any number of processes (torchrun ranks, SLURM tasks or
-array tasks) write disjoint shards. A shard is written under a temporary name and renamed when whole, then
-recorded in ``<shard>.json``; rerunning skips recorded shards. The last rank to finish writes
-``manifest.json`` (and for MDS the root ``index.json``).
+array tasks) write disjoint shards; ``launcher=slurm`` (``launcher.tasks_per_node``, ``launcher.array``)
+submits this tool as such a job itself (:func:`bigdit.launch.submit_tool`). A shard is written under a
+temporary name and renamed when whole, then recorded in ``<shard>.json``; rerunning skips recorded shards.
+The last rank to finish writes ``manifest.json`` (and for MDS the root ``index.json``).
 """
 
 from __future__ import annotations
@@ -26,23 +27,9 @@ from bigdit.codec import pixel_moments, vae_moments, vae_scaling
 from bigdit.data.images import DIGITS, Item, list_inputs, load_pixels
 from bigdit.data.schema import ChannelStats, Manifest, finalize, shard_io, write_json_atomic
 from bigdit.data.wds import shard_name
+from bigdit.launch import run_or_submit, work_slice
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def rank_and_world(cfg: DictConfig) -> tuple[int, int]:
-    """This process's slice: ``rank``/``world_size`` keys, else SLURM array task, else torchrun/SLURM task env."""
-    if cfg.rank is not None or cfg.world_size is not None:
-        rank, world = int(cfg.rank or 0), int(cfg.world_size or 1)
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
-    return rank, world
 
 
 def load_vae(cfg: DictConfig, device: torch.device):
@@ -144,7 +131,7 @@ def run(cfg: DictConfig) -> Manifest | None:
     if cfg.shuffle:  # mixed classes in every shard: the loader only shuffles within shards
         items = [items[i] for i in np.random.default_rng(cfg.seed).permutation(len(items))]
     names = [shard_name(i) for i in range((len(items) + cfg.shard_size - 1) // cfg.shard_size)]
-    rank, world = rank_and_world(cfg)
+    rank, world = work_slice(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     check_same_settings(cfg, root)
@@ -184,7 +171,7 @@ def run(cfg: DictConfig) -> Manifest | None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="encode_latents", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_or_submit(cfg, __file__, run)  # launcher=slurm|local: a job whose tasks each encode their slice
 
 
 if __name__ == "__main__":

@@ -63,6 +63,22 @@ def _single_process_rendezvous() -> None:
                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
 
 
+def default_group_timeout(timeout_s: float) -> None:
+    """Make process groups created without a timeout in this process use ``timeout_s`` (``strategy.timeout_s``).
+
+    torch gives such groups its own default (30 min on gloo, 10 on nccl), not the world group's timeout, and
+    DeepSpeed creates its ZeRO data-parallel group that way (``new_group(ranks)``): without this, its gradient
+    reduction waits half an hour for a hung rank whatever ``strategy.timeout_s`` says. A training process is
+    one rank of one job, so one timeout for all of its groups is what is meant.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(info: RankInfo, timeout_s: float = 600.0, always: bool = False) -> torch.device:
     """Pick the device and join the process group (nccl on GPU, gloo on CPU) when there is more than one
     rank, or ``always`` (strategies built on torch.distributed even for a single process)."""
@@ -74,6 +90,7 @@ def init_distributed(info: RankInfo, timeout_s: float = 600.0, always: bool = Fa
         # Ranks sharing a CPU host split its cores instead of each spawning one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     if (info.world_size > 1 or always) and not dist.is_initialized():
+        default_group_timeout(timeout_s)
         if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
             _single_process_rendezvous()
         dist.init_process_group(
