@@ -32,10 +32,12 @@ demo: setup
 
 # The SLURM tests (tests/test_slurm.py) need a cluster: as root, launchers/slurm_cluster.sh installs and starts a
 # single-node one (a no-op when one already answers); without one those tests skip with the reason (fail under CI).
+# Two pytest workers, one test file each at a time: the SLURM and multi-rank tests spend much of their time
+# waiting (slowed data, signals, requeues), which the other worker's tests fill.
 test: setup
 	@if [ "$$(id -u)" = 0 ]; then launchers/slurm_cluster.sh || echo "make test: no SLURM cluster, the SLURM tests will skip"; \
 	else launchers/slurm_cluster.sh --check || echo "make test: no SLURM cluster (start one: sudo launchers/slurm_cluster.sh)"; fi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_DATA)
