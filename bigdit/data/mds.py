@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigdit.codec import LatentCodec
 from bigdit.data import BatchPlan, resolve_pin_memory, stream_seed
-from bigdit.data.schema import open_manifest, MDS_COLUMNS, check_key, empty_prompt_context
+from bigdit.data.schema import MDS_COLUMNS, ShardDataset, check_key
 from bigdit.data.wds import ShardError, _check_count, _check_sample
 
 
@@ -203,7 +202,7 @@ class _Collate:
         return out
 
 
-class MdsLoader:
+class MdsLoader(ShardDataset):
     """``data=mds``: MDS shards read by MosaicML Streaming's ``StreamingDataset`` + ``StreamingDataLoader``.
 
     ``root`` is the shard directory (its merged ``index.json``), or with ``remote`` (s3://, gs://, ..., or
@@ -232,8 +231,7 @@ class MdsLoader:
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
-        self.root = str(root)
-        self.manifest = open_manifest(self.root, self.format, remote)
+        shapes = self._open_shards(root, remote, flip)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         if env != (rank, plan.world_size):
             raise ValueError(f"data=mds: rank {rank} of {plan.world_size}, but the environment says RANK={env[0]} "
@@ -241,13 +239,6 @@ class MdsLoader:
                              f"(run one process per rank, e.g. with torchrun)")
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers = int(num_workers)
-        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
-        self.sample_shape = tuple(self.manifest.latent_shape)
-        self.num_classes = self.manifest.num_classes
-        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
-        #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
-        self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
-        shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
         chunk = plan.world_size * max(1, self.num_workers) * plan.micro_batch
         if self.manifest.count < chunk:
             raise ValueError(f"{self.root} has {self.manifest.count} samples but {plan.world_size} rank(s) x "

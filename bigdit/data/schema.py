@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigdit.codec import LatentCodec
+
 #: Bumped whenever a field changes meaning; loaders refuse manifests with another version.
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -329,3 +331,22 @@ def empty_prompt_context(root: str, manifest: Manifest, remote: str | None = Non
         raise SchemaError(f"{path} holds {tuple(tokens.shape)} tokens but the manifest says {want}: rerun "
                           f"tools/cache_text.py")
     return tokens
+
+
+class ShardDataset:
+    """What both shard loaders (``data=wds``, ``data=mds``) learn from a shard directory's manifest before
+    reading any sample: the latent codec, the sample shape, classes, text embeddings and expected shapes."""
+
+    format: str
+
+    def _open_shards(self, root: str, remote: str | None, flip: bool) -> dict[str, tuple[int, ...]]:
+        """Read the manifest of ``root`` (fetched from ``remote`` first); the array fields' expected shapes."""
+        self.root = str(root)
+        self.manifest = open_manifest(self.root, self.format, remote)
+        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
+        self.sample_shape = tuple(self.manifest.latent_shape)
+        self.num_classes = self.manifest.num_classes
+        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
+        #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
+        self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
+        return {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}

@@ -31,8 +31,8 @@ import torch
 
 from bigdit.codec import LatentCodec
 from bigdit.data import BatchPlan, pin_batch, resolve_pin_memory, stream_seed
-from bigdit.data.schema import (open_manifest, empty_prompt_context, EXT_FIELD, WDS_EXT, Manifest, SchemaError,
-                                 check_key, fetch, npy_array, npy_bytes, shard_io)
+from bigdit.data.schema import (EXT_FIELD, WDS_EXT, Manifest, SchemaError, ShardDataset, check_key, fetch, npy_array,
+                                 npy_bytes, shard_io)
 
 SUFFIX = ".tar"
 
@@ -373,7 +373,7 @@ def _raw_batches(streams: ShardStreams, pos: int, num_workers: int, prefetch_fac
         epoch, start = epoch + 1, 0
 
 
-class ShardLoader:
+class ShardLoader(ShardDataset):
     """Training loader over a shard directory (see the module docstring for the stream it reads).
 
     ``root`` is the shard directory, or with ``remote`` (s3://, gs://, ..., or a path) the local cache
@@ -390,18 +390,10 @@ class ShardLoader:
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
-        self.root = str(root)
-        self.manifest = open_manifest(self.root, self.format, remote)
+        shapes = self._open_shards(root, remote, flip)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = resolve_pin_memory(pin_memory)
-        self.codec = LatentCodec.from_manifest(self.manifest, use_flip=flip)
-        self.sample_shape = tuple(self.manifest.latent_shape)
-        self.num_classes = self.manifest.num_classes
-        self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
-        #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
-        self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
-        shapes = {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
         self.streams = ShardStreams(self.root, self.format, self.manifest, plan.world_size, rank,
                                     max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,
                                     shapes, self.codec, remote)
