@@ -33,6 +33,7 @@ from bigdit.models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     check_context,
+    check_text_form,
     init_text_conditioning,
     modulate,
     sincos_2d,
@@ -106,10 +107,7 @@ class DiT(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if context_dim is not None and num_classes:
-            raise ValueError(
-                f"the text-conditioned DiT (context_dim={context_dim}) has no class labels; pass num_classes=0"
-            )
+        check_text_form(context_dim, num_classes, "DiT")
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

@@ -143,6 +143,13 @@ def init_text_conditioning(caption_embedders: list[Mlp], cross_attentions: list[
         nn.init.zeros_(attn.proj.bias)
 
 
+def check_text_form(context_dim: int | None, num_classes: int | None, model: str) -> None:
+    """A text-conditioned backbone (``context_dim`` set) takes CLIP tokens as ``y`` and no class labels."""
+    if context_dim is not None and num_classes:
+        raise ValueError(f"the text-conditioned {model} (context_dim={context_dim}) has no class labels; pass "
+                         f"num_classes=0")
+
+
 def check_context(y: torch.Tensor | None, batch: int, tokens: int, dim: int, model: str) -> torch.Tensor:
     """Return ``y`` if it is a batch of CLIP token embeddings (batch, tokens, dim), else raise ``ValueError``."""
     if y is None or tuple(y.shape) != (batch, tokens, dim):

@@ -47,6 +47,7 @@ from bigdit.models.layers import (
     Mlp,
     TimestepEmbedder,
     check_context,
+    check_text_form,
     init_text_conditioning,
 )
 
@@ -342,10 +343,7 @@ class UDiT(nn.Module):
             raise ValueError(
                 f"input_size {input_size} is not divisible by {4 * down_factor} (2 downsamples x {down_factor})"
             )
-        if context_dim is not None and num_classes:
-            raise ValueError(
-                f"the text-conditioned U-DiT (context_dim={context_dim}) has no class labels; pass num_classes=0"
-            )
+        check_text_form(context_dim, num_classes, "U-DiT")
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from bigdit.models.layers import Attention, Mlp, PatchEmbed, timestep_embedding
+from bigdit.models.layers import Attention, Mlp, PatchEmbed, check_context, check_text_form, timestep_embedding
 
 
 class UViTBlock(nn.Module):
@@ -83,10 +83,7 @@ class UViT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         num_classes = num_classes or 0
-        if context_dim is not None and num_classes:
-            raise ValueError(
-                f"the text-to-image U-ViT (context_dim={context_dim}) has no class labels; pass num_classes=0"
-            )
+        check_text_form(context_dim, num_classes, "U-ViT")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -166,11 +163,7 @@ class UViT(nn.Module):
         tokens = self.patch_embed(x)
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(tokens.dtype)).unsqueeze(1)
         if self.context_dim is not None:
-            if y is None or y.shape[1:] != (self.context_tokens, self.context_dim):
-                got = None if y is None else tuple(y.shape)
-                raise ValueError(
-                    f"text-to-image U-ViT expects y (N, {self.context_tokens}, {self.context_dim}), got {got}"
-                )
+            y = check_context(y, x.shape[0], self.context_tokens, self.context_dim, "U-ViT")
             tokens = torch.cat([time_token, self.context_embed(y), tokens], dim=1)
         elif self.num_classes:
             if force_drop_ids is not None:
