@@ -58,7 +58,7 @@ def generate(
     left unclipped). Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample
     does not change when other batches are added.
     """
-    from bigdit.data import stream_seed
+    from bigdit.batching import stream_seed
 
     model = model.to(device).eval()
     shape = (model.in_channels, model.input_size, model.input_size)

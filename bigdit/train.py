@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
-from bigdit.data import BatchPlan, Loader, stream_seed
+from bigdit.batching import BatchPlan, stream_seed
+from bigdit.data import Loader
 from bigdit.diffusion import make_schedule, q_sample, training_losses
 from bigdit.ema import EMA
 from bigdit.engine import build_strategy

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bigdit.data.mds import MdsLoader
-from bigdit.data import BatchPlan
+from bigdit.batching import BatchPlan
 from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest
 from bigdit.train import CONFIG_DIR
 

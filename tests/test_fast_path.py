@@ -30,7 +30,8 @@ def test_loss_and_grad_norm_are_read_back_only_at_log_steps(tmp_path, strategy):
 def test_pin_memory_defaults_to_on_exactly_when_training_on_a_gpu(digit_shards):
     import torch
 
-    from bigdit.data import BatchPlan, resolve_pin_memory
+    from bigdit.batching import BatchPlan
+    from bigdit.data import resolve_pin_memory
     from bigdit.data.wds import WdsLoader
 
     assert resolve_pin_memory(None) is torch.cuda.is_available() and resolve_pin_memory(False) is False

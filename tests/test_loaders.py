@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bigdit.checkpoint import latest_checkpoint
-from bigdit.data import BatchPlan
+from bigdit.batching import BatchPlan
 from bigdit.data.mds import MdsLoader
 from bigdit.data.schema import SchemaError
 from bigdit.data.wds import ShardError, WdsLoader

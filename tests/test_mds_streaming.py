@@ -26,7 +26,7 @@ from multiprocessing import resource_tracker, shared_memory
 import bigdit  # noqa: F401
 import torch
 import torch.distributed as dist
-from bigdit.data import BatchPlan
+from bigdit.batching import BatchPlan
 from bigdit.data.mds import MdsLoader
 
 root, out, steps, crash = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -128,7 +128,7 @@ def keys_of(loader, steps) -> list[str]:
 
 
 def test_resume_saved_at_the_end_of_an_epoch(mds_root):
-    from bigdit.data import BatchPlan
+    from bigdit.batching import BatchPlan
     from bigdit.data.mds import MdsLoader
 
     plan = BatchPlan(global_batch=32, world_size=1, micro_batch=16)
@@ -153,7 +153,7 @@ def test_resume_saved_at_the_end_of_an_epoch(mds_root):
 def test_corrupt_shard_in_a_worker_names_shard_and_key(mds_root, tmp_path):
     import shutil
 
-    from bigdit.data import BatchPlan
+    from bigdit.batching import BatchPlan
     from bigdit.data.mds import MdsLoader
     from bigdit.data.wds import ShardError
 

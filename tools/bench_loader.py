@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import bigdit  # noqa: F401  (torchvision shim before streaming)
-from bigdit.data import BatchPlan
+from bigdit.batching import BatchPlan
 from bigdit.data.schema import ChannelStats, Manifest, finalize, shard_io, write_json_atomic
 from bigdit.data.wds import shard_name
 

@@ -11,11 +11,12 @@ micro-batch size, or whether the run was interrupted. The loader's whole state i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from bigdit.batching import BatchPlan, stream_seed
 
 
 def resolve_pin_memory(pin_memory: bool | None) -> bool:
@@ -28,42 +29,6 @@ def pin_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` with its tensors in page-locked memory (what a DataLoader with ``pin_memory`` does in its workers'
     pinning thread; used when batches are made in the training process)."""
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a global batch splits into ranks and micro-batches (gradient accumulation)."""
-
-    global_batch: int
-    world_size: int
-    micro_batch: int
-
-    @property
-    def per_rank(self) -> int:
-        return self.global_batch // self.world_size
-
-    @property
-    def accum_steps(self) -> int:
-        return self.per_rank // self.micro_batch
-
-    def span(self, rank: int, micro: int) -> slice:
-        """Positions of ``rank``'s micro-batch ``micro`` within the global batch."""
-        start = rank * self.per_rank + micro * self.micro_batch
-        return slice(start, start + self.micro_batch)
-
-    @classmethod
-    def from_config(cls, global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
-        """Validate ``run.global_batch``/``run.micro_batch`` against the number of ranks."""
-        if global_batch % world_size:
-            raise ValueError(f"run.global_batch={global_batch} is not divisible by {world_size} ranks")
-        per_rank = global_batch // world_size
-        micro = per_rank if micro_batch is None else int(micro_batch)
-        if micro <= 0 or per_rank % micro:
-            raise ValueError(
-                f"run.micro_batch={micro_batch} must divide the per-rank batch {per_rank} "
-                f"(run.global_batch={global_batch} / {world_size} ranks)"
-            )
-        return cls(global_batch, world_size, micro)
 
 
 class Loader(Protocol):
@@ -96,11 +61,6 @@ class Source(Protocol):
     def get(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Samples at ``indices`` as a batch: ``x`` (N, C, H, W) float32 and ``y`` (N,) int64."""
         ...
-
-
-def stream_seed(*words: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. run seed, step), stable across processes and versions."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochSampler:

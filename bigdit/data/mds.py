@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigdit.data import BatchPlan, resolve_pin_memory, stream_seed
+from bigdit.batching import BatchPlan, stream_seed
+from bigdit.data import resolve_pin_memory
 from bigdit.data.schema import MDS_COLUMNS, ShardDataset, check_key
 from bigdit.data.wds import ShardError, _check_count, _check_sample
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from bigdit.codec import LatentCodec
-from bigdit.data import BatchPlan, pin_batch, resolve_pin_memory, stream_seed
+from bigdit.batching import BatchPlan, stream_seed
+from bigdit.data import pin_batch, resolve_pin_memory
 from bigdit.data.schema import (EXT_FIELD, WDS_EXT, Manifest, SchemaError, ShardDataset, check_key, fetch, npy_array,
                                  npy_bytes, shard_io)
 

@@ -130,7 +130,7 @@ class Strategy(ABC):
               grad_clip: float | None = None) -> None:
         """Move/wrap/shard ``model`` and build its optimizer over the resulting parameters.
 
-        ``plan`` (the run's :class:`bigdit.data.BatchPlan`) and ``grad_clip`` are for strategies whose
+        ``plan`` (the run's :class:`bigdit.batching.BatchPlan`) and ``grad_clip`` are for strategies whose
         engine fixes them at initialisation (DeepSpeed); the others take them per step.
         """
 

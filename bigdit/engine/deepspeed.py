@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigdit.data import BatchPlan
+from bigdit.batching import BatchPlan
 from bigdit.engine.base import OptimizerFactory, Strategy
 
 EXTRA_FILE = "extra.pt"
