@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 SAMPLE_ARGS ?= per_class=50 sampler=ddpm steps=100 cfg_scale=4.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-fast clean-demo wheelhouse
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,16 @@ test: setup
 	else launchers/slurm_cluster.sh --check || echo "make test: no SLURM cluster (start one: sudo launchers/slurm_cluster.sh)"; fi
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The fast tier for quick iteration (under 3 minutes here): every test not marked `slow`, i.e. none that
+# launches processes (torchrun ranks, tools as subprocesses) or SLURM jobs. `make test` runs both tiers.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_DATA)
+
+# The wheels bench/gpu.sh needs on a GPU machine without network (its own Python 3.12 and CUDA torch): hydra-core,
+# omegaconf, diffusers and what they require, at constraints.txt's pins, for cp312 manylinux x86_64 (no torch, no
+# nvidia packages, no numpy/Pillow/matplotlib: the image has them). Carry wheelhouse/ with the tree (~14 MiB).
+wheelhouse: setup
+	$(PY) bench/wheelhouse.py build --out wheelhouse

@@ -3,18 +3,29 @@
 Each checkpoint is written into a temporary directory by every rank that holds state, renamed into
 place by rank 0 only when complete, and only then is ``latest`` switched (``os.replace`` of a small
 file). A crash at any moment leaves the previous checkpoint and pointer intact.
+
+What a checkpoint holds is the strategy's format (see ``bigdit.engine``); beside it rank 0 writes
+``strategy.json``, the strategy's :meth:`~bigdit.engine.base.Strategy.checkpoint_meta` (its ``name`` and
+layout, e.g. ``{"name": "deepspeed", "world_size": 8, "precision": "bf16", "zero_stage": 3}``), so that
+tools reading the checkpoint later ask the strategy that wrote it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from bigdit.engine.base import Strategy
+from bigdit.fsio import write_atomic, write_json_atomic
 
 LATEST = "latest"
+STRATEGY_FILE = "strategy.json"
+
+# Checkpoints written before strategy.json: the file or folder that tells each strategy's layout apart.
+_LEGACY_MARKERS = (("state.pt", "ddp"), (".metadata", "fsdp2"), ("deepspeed", "deepspeed"))
 
 
 def step_tag(step: int) -> str:
@@ -31,6 +42,19 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"{pointer} points to {path.name}, which does not exist; fix or delete {pointer}")
     return path
+
+
+def checkpoint_strategy(path: Path) -> dict[str, Any]:
+    """What checkpoint directory ``path`` records about the strategy that wrote it (``strategy.json``);
+    for checkpoints older than that file, just the ``name``, told from the files it holds."""
+    path = Path(path)
+    if (path / STRATEGY_FILE).is_file():
+        return json.loads((path / STRATEGY_FILE).read_text())
+    for marker, name in _LEGACY_MARKERS:
+        if (path / marker).exists():
+            return {"name": name}
+    raise FileNotFoundError(f"{path} is not a bigdit checkpoint (no {STRATEGY_FILE}, state.pt, DCP .metadata "
+                            f"or deepspeed/)")
 
 
 class Checkpointer:
@@ -55,12 +79,11 @@ class Checkpointer:
         self.strategy.save(tmp, extra, ema)
         self.strategy.barrier()
         if self.strategy.is_main:
+            write_json_atomic(tmp / STRATEGY_FILE, self.strategy.checkpoint_meta(), indent=2)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(tag + "\n")
-            os.replace(pointer_tmp, self.root / LATEST)
+            write_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
         self.strategy.barrier()
         return final
@@ -74,4 +97,14 @@ class Checkpointer:
     def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Restore the latest checkpoint into the strategy; return ``(extra, ema)``, or None if there is none."""
         path = latest_checkpoint(self.root)
-        return None if path is None else self.strategy.load(path)
+        if path is None:
+            return None
+        saved, now = checkpoint_strategy(path), self.strategy.checkpoint_meta()
+        changed = {k: (saved.get(k), now[k]) for k in self.strategy.resume_keys if saved.get(k, now[k]) != now[k]}
+        if changed:
+            was = " ".join(f"{k}={old}" for k, (old, _) in changed.items())
+            asked = " ".join(f"{k}={new}" for k, (_, new) in changed.items())
+            raise ValueError(f"{path} was written by strategy {was} but this run asks for {asked}: a checkpoint "
+                             f"resumes only under the strategy layout that wrote it; use the original strategy keys "
+                             f"or a new run.dir (tools/export.py converts any checkpoint to plain weights)")
+        return self.strategy.load(path)

@@ -8,29 +8,20 @@ stored, and maps to model space with ``(z - shift_factor) * scaling_factor`` (di
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from bigdit.data.schema import Manifest
 
 #: diffusers clamps the posterior logvar to this range; the pixel "codec" (vae=none) stores the minimum.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 class LatentCodec:
-    """Moments -> model-space latents (sampling, flip choice, scaling)."""
+    """Moments -> model-space latents (sampling, flip choice, scaling); a dataset's codec is built from its
+    manifest (``bigdit.data.schema.Manifest.codec``)."""
 
     def __init__(self, scaling_factor: float = 1.0, shift_factor: float = 0.0, use_flip: bool = True):
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
         self.use_flip = use_flip
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest, use_flip: bool = True) -> LatentCodec:
-        """The codec that matches the VAE recorded in a dataset manifest."""
-        return cls(manifest.scaling_factor, manifest.shift_factor, use_flip and manifest.flip)
 
     def sample(self, moments: torch.Tensor, moments_flip: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -49,11 +40,6 @@ class LatentCodec:
         std = logvar.clamp_(LOGVAR_MIN, LOGVAR_MAX).mul_(0.5).exp_()
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return torch.addcmul(mean, std, eps).sub_(self.shift_factor).mul_(self.scaling_factor)
-
-    def mode(self, moments: torch.Tensor) -> torch.Tensor:
-        """Model-space latents from the posterior means (no sampling), e.g. for evaluation."""
-        mean = moments[:, : moments.shape[1] // 2].float()
-        return mean.sub_(self.shift_factor).mul_(self.scaling_factor)
 
     def to_vae(self, z: torch.Tensor) -> torch.Tensor:
         """Model space -> the VAE decoder's input space (inverse of the scaling)."""

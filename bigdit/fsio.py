@@ -9,6 +9,7 @@ manifest) do not write into each other's temporary file; the last rename wins wi
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from collections.abc import Iterator
@@ -23,12 +24,18 @@ def temp_name(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s content to; on success it is flushed to disk and renamed to
-    ``path``, on an exception it is removed and ``path`` is left as it was."""
+    ``path``, on an exception it is removed and ``path`` is left as it was.
+
+    ``exclusive``: this process is the only writer of ``path`` (e.g. the rank that owns a shard), so temporary
+    files of ``path`` left by killed earlier processes are removed first instead of piling up.
+    """
     path = Path(path)
     tmp = temp_name(path)
-    tmp.unlink(missing_ok=True)
+    stale = path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if exclusive else [tmp]
+    for old in stale:
+        old.unlink(missing_ok=True)
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # data on disk before the name points at it

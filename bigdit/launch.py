@@ -13,6 +13,12 @@ One run directory per run: ``run.dir`` holds ``config.yaml`` (training config), 
 rank whose collective times out names from them the ranks that hang). Preemption, ``scancel`` and time
 limits: see :mod:`bigdit.preemption`.
 
+Before anything is submitted or written, :func:`gpu_request_problem` asks ``sinfo`` whether the partition's nodes
+have ``launcher.gpus_per_node`` GPUs: on a cluster or partition without them (the default asks for 8) the launcher
+exits with a message naming the partition, its GPUs per node and the keys to set (``launcher.gpus_per_node=0
+launcher.tasks_per_node=N`` for a CPU job), where sbatch would only say "Invalid generic resource (gres)
+specification". ``launcher.dry_run`` contacts no cluster and so checks nothing.
+
 The offline tools (``tools/encode_latents.py``, ``tools/cache_text.py``) launch the same way through
 :func:`run_or_submit`: with ``launcher=slurm|local`` the tool submits itself as a job (or with
 ``launcher.array=N`` a job array of N such jobs) whose tasks each run the tool on their own slice; their
@@ -23,8 +29,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -228,6 +237,91 @@ def make_executor(launcher: DictConfig, folder: Path, job_name: str) -> submitit
     return ex
 
 
+def gres_gpus(gres: str) -> int:
+    """The GPUs in a node's generic resources as sinfo prints them (``%G``): ``(null)`` -> 0, ``gpu:8`` -> 8,
+    ``gpu:h100:8(S:0-1),mps:400`` -> 8, ``gpu:a100:2,gpu:v100:2`` -> 4, ``gpu`` or ``gpu:h100`` -> 1."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):  # no split at the commas inside "(S:0,1)"
+        parts = re.sub(r"\(.*?\)", "", item).strip().split(":")
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def partition_gpus() -> tuple[str | None, dict[str, dict[str, tuple[int, int]]]] | None:
+    """(the default partition, {partition: {node: (GPUs, CPUs)}}) from ``sinfo``; None when sinfo is absent or fails."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%N|%G|%c"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode:
+        return None
+    default, nodes = None, {}
+    for line in proc.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4:
+            continue
+        part, node, gres, cpus = fields
+        if part.endswith("*"):
+            part = default = part[:-1]
+        nodes.setdefault(part, {})[node] = (gres_gpus(gres), int(cpus) if cpus.isdigit() else 0)
+    return default, nodes
+
+
+def gpu_request_problem(launcher: DictConfig) -> str | None:
+    """Why the SLURM partition cannot run ``launcher.gpus_per_node`` GPUs on a node, with the keys to set, or None.
+
+    sbatch itself only answers "Invalid generic resource (gres) specification" when, say, the default 8 GPUs per
+    node meet a partition without GPUs. Checked with ``sinfo`` before anything is submitted or written; None (no
+    opinion) when the request is for no GPUs, ``launcher.check_resources`` is false, or sinfo does not know the
+    partition (sbatch then speaks for itself). The partition's largest node counts.
+    """
+    want = int(launcher.get("gpus_per_node") or 0)
+    if launcher.name != "slurm" or want <= 0 or not launcher.get("check_resources", True):
+        return None
+    found = partition_gpus()
+    if found is None:
+        return None
+    default, nodes = found
+    names = str(launcher.partition).split(",") if launcher.get("partition") else [default]
+    if None in names or any(name not in nodes for name in names):
+        return None
+    here = {node: info for name in names for node, info in nodes[name].items()}
+    most = max(gpus for gpus, _ in here.values())
+    if most >= want:
+        return None
+    which = f"partition '{','.join(names)}'" + ("" if launcher.get("partition") else " (the cluster's default)")
+    per_node = sorted({gpus for gpus, _ in here.values()})
+    has = (f"no GPUs on its {len(here)} node(s)" if most == 0 else
+           f"at most {most} per node ({'/'.join(map(str, per_node))} GPUs on its {len(here)} node(s))")
+    cpus = max(c for _, c in here.values())
+    others = sorted(((max(g for g, _ in v.values()), p) for p, v in nodes.items() if p not in names), reverse=True)
+    others = [(g, p) for g, p in others if g >= want][:5]
+    lines = [f"launcher.gpus_per_node={want} asks for {want} GPUs per node, but {which} has {has} (sinfo); sbatch "
+             f"would refuse the job (\"Invalid generic resource (gres) specification\"). Nothing was submitted."]
+    if most == 0:
+        lines.append("  A CPU job: launcher.gpus_per_node=0 launcher.tasks_per_node=N (N processes per node"
+                     + (f"; its nodes have {cpus} CPUs)" if cpus else ")"))
+    else:
+        lines.append(f"  Fewer GPUs per node: launcher.gpus_per_node={most} (launcher.nodes for more in all)")
+    if others:
+        lines.append("  Or a partition with them: " + ", ".join(f"launcher.partition={p} ({g} GPUs per node)"
+                                                             for g, p in others))
+    lines.append("  (launcher.check_resources=false skips this check)")
+    return "\n".join(lines)
+
+
+def check_resources(launcher: DictConfig) -> int:
+    """0, or 2 after printing :func:`gpu_request_problem`'s message: what submit/submit_tool run before sbatch."""
+    problem = gpu_request_problem(launcher)
+    if problem:
+        print(f"[bigdit] {problem}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 def sbatch_script(executor: submitit.SlurmExecutor, array: int = 1) -> str:
     """The sbatch script ``executor`` would submit (the command is submitit's, as in a real submission); with
     ``array`` > 1, that of a job array of ``array`` such jobs."""
@@ -290,6 +384,8 @@ def submit(cfg: DictConfig) -> int:
     ntasks = num_tasks(launcher)
     if launcher.dry_run:
         return _dry_run(executor, launcher, f"{ntasks} task(s) of bigdit.train (one rank per process) in {run_dir}")
+    if check_resources(launcher):
+        return 2
 
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(launch_cfg), run_dir / "launcher.yaml")
@@ -322,6 +418,8 @@ def submit_tool(cfg: DictConfig, script: str) -> int:
         f" of {name}, each on slice <rank>/{parts * ntasks} of the work"
     if launcher.dry_run:
         return _dry_run(executor, launcher, what, parts)
+    if check_resources(launcher):
+        return 2
 
     (out / "submitit").mkdir(parents=True, exist_ok=True)
     tasks = [ToolTask(str(Path(script).resolve()), tool_cfg, part, parts) for part in range(parts)]

@@ -1,12 +1,16 @@
-"""metrics.jsonl (one JSON object per logged step), the console status line and the loss plot."""
+"""The metrics window (device-side sums between log steps), metrics.jsonl (one JSON object per logged step),
+the console status line and the loss plot."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -15,6 +19,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWindow:
+    """The per-step scalars of the steps since the last log step, summed on the device.
+
+    :meth:`add` only adds device tensors (no host sync inside a step); :meth:`read` reduces the window over
+    ranks in one collective and reads it back once, at log steps. Losses are averaged over ranks (each holds
+    the loss of its own samples); the gradient norm is already global; bad samples (counted on the host by
+    each rank's loader, cumulative) are summed over ranks in the same collective.
+    """
+
+    def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int):
+        self.reduce_mean = reduce_mean
+        self.world_size = world_size
+        self.sums = torch.zeros(4, device=device)  # loss, grad norm, steps, bad samples
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Account one optimizer step."""
+        self.sums[0] += loss
+        self.sums[1] += grad_norm
+        self.sums[2] += 1
+
+    def read(self, bad_samples: int) -> dict[str, float]:
+        """Means over the window (``loss``, ``grad_norm``), its ``steps`` and wall time ``seconds``, and the run's
+        ``bad_samples`` over all ranks; then start a new window. Collective."""
+        self.sums[3] = bad_samples
+        loss, grad_norm, steps, bad = self.reduce_mean(self.sums.clone()).tolist()
+        now = time.perf_counter()
+        out = {"loss": loss / steps, "grad_norm": grad_norm / steps, "steps": steps, "seconds": now - self.start,
+               "bad_samples": round(bad * self.world_size)}
+        self.sums.zero_()
+        self.start = now
+        return out
 
 
 class MetricsLog:

@@ -1,8 +1,10 @@
-"""Peak FLOP/s of the device, for model FLOPs utilisation (MFU)."""
+"""Peak FLOP/s of the device, for model FLOPs utilisation (MFU), and fair timing of two workloads."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -50,3 +52,39 @@ def peak_memory_gib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def time_alternating(a: Callable[[], object], b: Callable[[], object], iters: int,
+                     warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``a`` and ``b`` over ``iters`` iterations, after ``warmup`` untimed calls of each.
+
+    Iteration ``i`` runs ``a`` first when ``i`` is even and ``b`` first when it is odd: in one process the
+    second call of an iteration inherits what the first left behind (warm caches and allocator, CPU clocks,
+    the other's garbage), so a fixed order biases the comparison by as much as the difference measured.
+    ``iters`` must be even so that each order runs equally often. The callables must finish their device
+    work before returning (e.g. ``torch.cuda.synchronize()``).
+    """
+    if iters < 2 or iters % 2:
+        raise ValueError(f"iters must be even and >= 2 so that each side runs first equally often, got {iters}")
+    for _ in range(warmup):
+        a()
+        b()
+    fns, times = (a, b), ([], [])
+    for i in range(iters):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            fns[side]()
+            times[side].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_spread(a_s: list[float], b_s: list[float]) -> dict[str, float]:
+    """Spread of the per-iteration ratio ``b / a`` (> 1: ``a`` is faster) of :func:`time_alternating`'s output.
+
+    ``min``/``median``/``max`` over all iterations, and the median over the iterations where ``a`` ran first
+    (even) and where ``b`` ran first (odd): the two disagree by the order bias, and their spread against the
+    overall median says how much one number can be trusted on a shared machine.
+    """
+    ratios = [tb / ta for ta, tb in zip(a_s, b_s)]
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
+            "median_a_first": statistics.median(ratios[0::2]), "median_b_first": statistics.median(ratios[1::2])}

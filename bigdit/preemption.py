@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigdit.data.schema import write_json_atomic
+from bigdit.fsio import write_json_atomic
 
 _state: dict = {"installed": False, "signal": None, "terminated": False, "max_requeues": 0, "job": None,
                 "log": None, "heartbeat": None}

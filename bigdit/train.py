@@ -12,30 +12,33 @@ not depend on how the global batch is split.
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 import bigdit  # noqa: F401  (environment fixes before third-party imports)
-from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.batching import BatchPlan, stream_seed
+from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import make_schedule, q_sample, training_losses
+from bigdit.diffusion import Schedule, make_schedule, q_sample, training_losses
 from bigdit.ema import EMA
-from bigdit.engine import build_strategy
+from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
 from bigdit.engine.blocks import apply_block_options
-from bigdit.metrics import MetricsLog, plot_loss, print_status, status_line
+from bigdit.metrics import MetricsLog, MetricsWindow, plot_loss, print_status, status_line
 from bigdit.models import build_model
+from bigdit.flops import train_flops_per_sample
+from bigdit.loggers import Trackers, check_loggers
 from bigdit.optim import build_adamw, lr_at
+from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
-from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
-from bigdit.flops import train_flops_per_sample
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -53,8 +56,7 @@ def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
         if data.num_classes > (model_cfg.num_classes or 0):
             raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
         return
-    text_dim = getattr(data, "text_dim", None)
-    if text_dim is None:
+    if data.text_dim is None:
         raise ValueError(f"the text-to-image model (model.context_dim={context_dim}) needs CLIP token embeddings, but "
                          f"{type(data).__name__} has none: cache them with tools/cache_text.py and train with data=wds "
                          f"or data=mds on its output")
@@ -73,6 +75,17 @@ def conditioning(batch: dict[str, torch.Tensor], drop: torch.Tensor, empty_conte
         return batch["y"].to(device, non_blocking=True)
     tokens = batch["clip_tokens"].to(device, non_blocking=True).float()
     return torch.where(drop.bool()[:, None, None], empty_context, tokens)
+
+
+def dropout_probability(cfg: DictConfig) -> float:
+    """``cond.caption_dropout_prob`` for a text-to-image model, ``model.class_dropout_prob`` for labels."""
+    if cfg.model.get("context_dim") is None:
+        return float(cfg.model.class_dropout_prob)
+    prob = OmegaConf.select(cfg, "cond.caption_dropout_prob")
+    if prob is None:
+        raise ValueError(f"the text-to-image model (model.context_dim={cfg.model.context_dim}) drops captions with "
+                         f"cond.caption_dropout_prob: train it with cond=text")
+    return float(prob)
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
@@ -107,10 +120,36 @@ def peak_device_tflops(device: torch.device, precision: str) -> float:
     return datasheet_tflops(device, dtype) or measured_matmul_tflops(device, dtype)
 
 
-def setup(cfg: DictConfig):
+@dataclass
+class Session:
+    """What :func:`setup` builds for the loop: the components and the counters restored from the checkpoint."""
+
+    cfg: DictConfig
+    strategy: Strategy
+    plan: BatchPlan
+    data: Loader
+    schedule: Schedule
+    ema: EMA
+    ckpt: Checkpointer
+    #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
+    empty_context: torch.Tensor | None
+    #: label dropout (to the model's null label) or caption dropout (to the empty prompt), for guidance
+    drop_prob: float
+    step: int = 0
+    nimg: int = 0
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint of the current step (collective)."""
+        extra = {"data": self.data.state_dict(), "step": self.step, "nimg": self.nimg,
+                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        self.ckpt.save(self.step, extra, self.ema.state_dict())
+
+
+def setup(cfg: DictConfig) -> Session:
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
@@ -118,23 +157,22 @@ def setup(cfg: DictConfig):
     # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
     data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
     check_model_matches_data(cfg.model, data)
-    schedule = make_schedule(**cfg.diffusion)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = apply_block_options(build_model(**cfg.model), cfg.run.activation_checkpointing, cfg.run.compile)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
-    ema = EMA(strategy.ema_targets(), cfg.ema.decay)
-
-    ckpt = Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts)
-    restored = ckpt.load_latest()
-    step = nimg = 0
+    text = cfg.model.get("context_dim") is not None
+    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
+                Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
+                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
+    restored = s.ckpt.load_latest()
     if restored is not None:
         extra, ema_state = restored
-        ema.load_state_dict(ema_state)
+        s.ema.load_state_dict(ema_state)
         data.load_state_dict(extra["data"])
-        step, nimg = extra["step"], extra["nimg"]
+        s.step, s.nimg = extra["step"], extra["nimg"]
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -142,81 +180,88 @@ def setup(cfg: DictConfig):
         print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "
                      f"{strategy.device.type} | global batch {plan.global_batch} = {plan.world_size} x "
                      f"{plan.accum_steps} x {plan.micro_batch} | "
-                     + (f"resumed at step {step}" if step else "from scratch"))
+                     + (f"resumed at step {s.step}" if s.step else "from scratch"))
         mib = {k: f"{v / 2**20:.1f}" for k, v in strategy.state_bytes().items()}
         print_status(f"{cfg.strategy.name} state per rank (MiB): " + ", ".join(f"{k} {v}" for k, v in mib.items()))
-    return strategy, plan, data, schedule, ema, ckpt, step, nimg
+    return s
+
+
+def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean loss
+    and the global gradient norm as device tensors (no host sync), and the learning rate used."""
+    cfg, strategy, plan = s.cfg, s.strategy, s.plan
+    device, rank = strategy.device, strategy.info.rank
+    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
+    for group in strategy.optimizer.param_groups:
+        group["lr"] = lr
+    draws = StepDraws(cfg.run.seed, step, plan, s.data.sample_shape, s.schedule.num_timesteps, s.drop_prob, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
+    mean_loss = torch.zeros((), device=device)
+    for micro, batch in enumerate(s.data.micro_batches(step)):
+        span = plan.span(rank, micro)
+        x0 = batch["x"].to(device, non_blocking=True)
+        y = conditioning(batch, draws.drop[span], s.empty_context, device)
+        t, noise = draws.t[span], draws.noise[span]
+        xt = q_sample(s.schedule, x0, t, noise)
+        with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
+            out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
+        loss = training_losses(s.schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
+        strategy.backward(loss / plan.accum_steps)
+        mean_loss += loss.detach() / plan.accum_steps
+    grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
+    s.ema.update([tensor for _, tensor in strategy.ema_targets()])
+    return mean_loss, grad_norm, lr
+
+
+def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: float | None,
+               peak_tflops: float | None) -> dict[str, float]:
+    """The metrics.jsonl record of a log step from the metrics window's means."""
+    img_per_s = s.plan.global_batch * window["steps"] / window["seconds"]
+    record = {"step": s.step, "nimg": s.nimg, "loss": window["loss"], "lr": lr, "grad_norm": window["grad_norm"],
+              "img_per_s": img_per_s, "step_time_s": window["seconds"] / window["steps"],
+              "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"]}
+    if flops_per_img:
+        record["tflops_per_gpu"] = img_per_s * flops_per_img / s.strategy.info.world_size / 1e12
+        record["mfu"] = record["tflops_per_gpu"] / peak_tflops
+    return record
 
 
 def train(cfg: DictConfig) -> None:
     """Train ``cfg.model`` on ``cfg.data`` until ``cfg.run.steps`` optimizer steps are done."""
-    strategy, plan, data, schedule, ema, ckpt, step, nimg = setup(cfg)
-    run, device, rank = cfg.run, strategy.device, strategy.info.rank
-    log = MetricsLog(Path(run.dir) / "metrics.jsonl", step) if strategy.is_main else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
-    flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula yet
-    peak_tflops = (run.peak_tflops or peak_device_tflops(device, run.precision)) if flops_per_img else None
-    drop_prob = float(cfg.model.class_dropout_prob)  # label or caption dropout, for classifier-free guidance
-    empty_context = None if cfg.model.get("context_dim") is None else data.empty_context.to(device)
-    sums = torch.zeros(3, device=device)  # loss, grad-norm, steps since the last log
-    t_window = time.perf_counter()
-    profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", device)
+    s = setup(cfg)
+    run, strategy = cfg.run, s.strategy
+    log = MetricsLog(Path(run.dir) / "metrics.jsonl", s.step) if strategy.is_main else None
+    trackers = Trackers(run.loggers if strategy.is_main else [], run.dir, OmegaConf.to_container(cfg, resolve=True),
+                        s.step, OmegaConf.to_container(run.wandb, resolve=True))
+    window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
+    flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
+    peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
+    profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 
-    def checkpoint(at_step: int) -> None:
-        container = OmegaConf.to_container(cfg, resolve=True)
-        ckpt.save(at_step, {"data": data.state_dict(), "step": at_step, "nimg": nimg, "config": container},
-                  ema.state_dict())
-
-    while step < run.steps:
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, run.steps, cfg.optim.min_lr)
-        for group in strategy.optimizer.param_groups:
-            group["lr"] = lr
-        draws = StepDraws(run.seed, step, plan, data.sample_shape, schedule.num_timesteps, drop_prob, device)
-        for micro, batch in enumerate(data.micro_batches(step)):
-            span = plan.span(rank, micro)
-            x0 = batch["x"].to(device, non_blocking=True)
-            y = conditioning(batch, draws.drop[span], empty_context, device)
-            t, noise = draws.t[span], draws.noise[span]
-            xt = q_sample(schedule, x0, t, noise)
-            with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
-                out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
-            loss = training_losses(schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
-            strategy.backward(loss / plan.accum_steps)
-            sums[0] += loss.detach() / plan.accum_steps
-        sums[1] += strategy.optimizer_step(cfg.optim.grad_clip)
-        sums[2] += 1
-        ema.update([tensor for _, tensor in strategy.ema_targets()])
-        step, nimg = step + 1, nimg + plan.global_batch
+    while s.step < run.steps:
+        loss, grad_norm, lr = train_step(s, s.step)
+        window.add(loss, grad_norm)
+        s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         profiler.step()
-
-        if step % run.log_every == 0 or step == run.steps:
-            loss_sum, grad_sum, n = strategy.all_reduce_mean(sums.clone()).tolist()
-            elapsed = time.perf_counter() - t_window
-            img_per_s = plan.global_batch * n / elapsed
-            record = {"step": step, "nimg": nimg, "loss": loss_sum / n, "lr": lr, "grad_norm": grad_sum / n,
-                      "img_per_s": img_per_s, "step_time_s": elapsed / n, "peak_mem_gib": peak_memory_gib(device)}
-            if hasattr(data, "bad_samples"):  # streaming loaders with data.skip_bad_samples=true
-                bad = torch.tensor(float(data.bad_samples), device=device)
-                record["bad_samples"] = int(strategy.all_reduce_mean(bad).item() * strategy.info.world_size)
-            if flops_per_img:
-                record["tflops_per_gpu"] = img_per_s * flops_per_img / strategy.info.world_size / 1e12
-                record["mfu"] = record["tflops_per_gpu"] / peak_tflops
+        if s.step % run.log_every == 0 or s.step == run.steps:
+            record = log_record(s, window.read(s.data.bad_samples), lr, flops_per_img, peak_tflops)
             if log is not None:
                 log.write(record)
+                trackers.log(record)
                 print_status(status_line(record, run.steps))
-            sums.zero_()
-            t_window = time.perf_counter()
-        stop = guard.stop_requested(step)  # preemption/timeout signal on any rank (all ranks get the same answer)
-        if step % run.ckpt_every == 0 or step == run.steps or stop:
-            checkpoint(step)
-        if stop and step < run.steps:
-            guard.stop(step, run.dir)  # requeue the job (or exit with how to resume); the next one resumes here
+        stop = guard.stop_requested(s.step)  # preemption/timeout signal on any rank (all ranks get the same answer)
+        if s.step % run.ckpt_every == 0 or s.step == run.steps or stop:
+            s.checkpoint()
+        if stop and s.step < run.steps:
+            guard.stop(s.step, run.dir)  # requeue the job (or exit with how to resume); the next one resumes here
 
     profiler.close()
     if strategy.is_main:
-        plot_loss(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "loss.png")
+        plot = plot_loss(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "loss.png")
+        trackers.log_image("loss_plot", np.asarray(Image.open(plot).convert("RGB")), s.step)
         print_status(f"done: {run.dir} (config.yaml, metrics.jsonl, loss.png, checkpoints/)")
+    trackers.close()
     strategy.teardown()
 
 

@@ -5,6 +5,10 @@
         launcher.partition=<p> launcher.account=<a> launcher.time_min=1440
     python launchers/submit.py launcher=local launcher.tasks_per_node=2 experiment=demo   # CPU/gloo or one box
     python launchers/submit.py launcher=slurm ... launcher.dry_run=true                   # print the sbatch script
+    python launchers/submit.py launcher=slurm launcher.gpus_per_node=0 launcher.tasks_per_node=2 ...  # CPU nodes
+
+Before sbatch the launcher checks with sinfo that the partition's nodes have launcher.gpus_per_node GPUs (the
+default is 8); if not it exits with status 2, naming the partition and the keys to set.
 
 Any training key can be overridden as with ``bigdit-train``; ``launcher.*`` keys are in configs/launcher/.
 Resubmitting the same command resumes the run in ``run.dir``.

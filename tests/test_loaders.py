@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from bigdit.checkpoint import latest_checkpoint
 from bigdit.batching import BatchPlan
 from bigdit.data.mds import MdsLoader
-from bigdit.data.schema import SchemaError
-from bigdit.data.wds import ShardError, WdsLoader
+from bigdit.data.schema import SchemaError, ShardError
+from bigdit.data.wds import WdsLoader
 from bigdit.train import CONFIG_DIR, check_model_matches_data, train
 
 

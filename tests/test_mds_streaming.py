@@ -92,6 +92,7 @@ def mds_root(digit_shards) -> Path:
     return digit_shards["mds"]
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_resume_exactly_with_equal_batches(mds_root, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
@@ -155,7 +156,7 @@ def test_corrupt_shard_in_a_worker_names_shard_and_key(mds_root, tmp_path):
 
     from bigdit.batching import BatchPlan
     from bigdit.data.mds import MdsLoader
-    from bigdit.data.wds import ShardError
+    from bigdit.data.schema import ShardError
 
     root = tmp_path / "bad"
     shutil.copytree(mds_root, root)

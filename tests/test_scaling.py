@@ -22,6 +22,7 @@ def probe(strategy: str) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,modelled", [("ddp", "ddp"), ("fsdp2", "fsdp")])
 def test_modelled_payloads_match_counted_ones(strategy, modelled):
     got = probe(strategy)

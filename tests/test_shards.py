@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bigdit.data.schema import npy_bytes
+from bigdit.data.npy import npy_bytes
 from bigdit.train import CONFIG_DIR
 
 from conftest import REPO

@@ -222,6 +222,7 @@ def reference(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_dry_run_prints_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     proc = submit(tmp_path / "run", "launcher=slurm", "launcher.nodes=8", "launcher.gpus_per_node=8",
                   "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high", "launcher.time_min=1440",
@@ -240,6 +241,7 @@ def test_dry_run_prints_sbatch_for_8_nodes_of_8_gpus(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing submitted, nothing written
 
 
+@pytest.mark.slow
 def test_two_task_zero2_job_matches_local_launcher(slurm, reference, tmp_path):
     job = submit_slurm(tmp_path)
     info = wait_job(job)
@@ -249,6 +251,7 @@ def test_two_task_zero2_job_matches_local_launcher(slurm, reference, tmp_path):
     assert {p.name for p in (tmp_path / "submitit").glob(f"{job}_*_log.out")} == {f"{job}_0_log.out", f"{job}_1_log.out"}
 
 
+@pytest.mark.slow
 def test_timeout_signal_requeues_and_resumes_exactly(slurm, reference, tmp_path):
     # A 2-minute limit with the USR2 45 s before it. SLURM sends it up to ~30 s earlier still (its event
     # resolution, see `man sbatch`): 45-75 s into an allocation. The first allocation is still training then
@@ -259,6 +262,7 @@ def test_timeout_signal_requeues_and_resumes_exactly(slurm, reference, tmp_path)
     assert "signal received, checkpoint at step" in logs(tmp_path, job)
 
 
+@pytest.mark.slow
 def test_scontrol_requeue_then_scancel_preemption_resume_exactly(slurm, reference, tmp_path):
     # Allocation 0 is ended by `scontrol requeue` (an operator, a node failure), which sends SIGTERM: an extra
     # checkpoint at the next step boundary and an exit without self-requeue (SLURM requeues the job itself).
@@ -281,6 +285,7 @@ def test_scontrol_requeue_then_scancel_preemption_resume_exactly(slurm, referenc
     assert resumed < step < STEPS
 
 
+@pytest.mark.slow
 def test_scancel_checkpoints_at_next_step_and_resubmitting_resumes_exactly(slurm, reference, tmp_path):
     from bigdit.checkpoint import latest_checkpoint, step_tag
 
@@ -304,6 +309,7 @@ def test_scancel_checkpoints_at_next_step_and_resubmitting_resumes_exactly(slurm
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_dead_rank_fails_the_job_at_once_naming_rank_and_host(slurm, tmp_path):
     job = submit_slurm(tmp_path, "data.source._target_=test_slurm.FailingDigits")
     t0 = time.time()
@@ -314,6 +320,7 @@ def test_dead_rank_fails_the_job_at_once_naming_rank_and_host(slurm, tmp_path):
     assert f"rank 1/2 on {host} (SLURM job {job}, restart 0) failed: RuntimeError: injected failure" in logs(tmp_path, job)
 
 
+@pytest.mark.slow
 def test_hung_rank_fails_the_job_naming_rank_host_and_where(slurm, tmp_path):
     # Rank 1 sleeps forever in data loading at its 3rd batch; rank 0 waits in DeepSpeed's gradient reduction,
     # whose ZeRO group must time out after strategy.timeout_s too (torch's default for new groups is 30 min).
@@ -331,6 +338,7 @@ def test_hung_rank_fails_the_job_naming_rank_host_and_where(slurm, tmp_path):
     assert re.search(named, log), log[-4000:]
 
 
+@pytest.mark.slow
 def test_encode_latents_dry_run_prints_array_sbatch(tmp_path):
     out = run_script("tools/encode_latents.py", *ENCODE, f"out={tmp_path / 'out'}", "launcher=slurm",
                      "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.array=8",
@@ -363,7 +371,7 @@ def encode_on_slurm(out: Path, *launcher: str) -> str:
 
 def assert_same_shards(out: Path, reference: Path) -> None:
     """The same manifest (shards, counts, stats) and, shard by shard, the same samples: keys, labels, arrays."""
-    from bigdit.data.schema import shard_io
+    from bigdit.data.shards import shard_io
 
     manifest = json.loads((reference / "manifest.json").read_text())
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -376,6 +384,7 @@ def assert_same_shards(out: Path, reference: Path) -> None:
             np.testing.assert_array_equal(a["moments_flip"], b["moments_flip"])
 
 
+@pytest.mark.slow
 def test_encode_latents_as_two_task_job_matches_one_process(slurm, digit_latents, tmp_path):
     job = encode_on_slurm(tmp_path, "launcher.tasks_per_node=2")
     assert_same_shards(tmp_path, digit_latents)
@@ -384,6 +393,7 @@ def test_encode_latents_as_two_task_job_matches_one_process(slurm, digit_latents
         assert f"rank {rank}/2: 300 images in 8 shards, 4 shard(s)" in log, log
 
 
+@pytest.mark.slow
 def test_encode_latents_as_two_task_array_matches_one_process(slurm, digit_latents, tmp_path):
     job = encode_on_slurm(tmp_path, "launcher.tasks_per_node=1", "launcher.array=2")
     assert_same_shards(tmp_path, digit_latents)
@@ -392,6 +402,7 @@ def test_encode_latents_as_two_task_array_matches_one_process(slurm, digit_laten
         assert f"rank {index}/2: 300 images in 8 shards, 4 shard(s)" in log, log
 
 
+@pytest.mark.slow
 def test_cache_text_as_two_task_job_matches_one_process(slurm, caption_tars, tiny_clip, tmp_path):
     config, weights = tiny_clip
     run_script("tools/encode_latents.py", f"input={caption_tars}", "vae=none", "resolution=8", "flip=false",
@@ -406,10 +417,10 @@ def test_cache_text_as_two_task_job_matches_one_process(slurm, caption_tars, tin
     assert f"finished: {tmp_path / 'job'}" in text, text
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert json.loads((tmp_path / "job" / "manifest.json").read_text()) == manifest
-    for rank, shards in ((0, 2), (1, 1)):  # 3 shards: 0 and 2 to task 0, 1 to task 1
+    for rank, shards in ((0, 2), (1, 2)):  # 4 shards (2 per input tar): 0 and 2 to task 0, 1 and 3 to task 1
         log = (tmp_path / "job" / "submitit" / f"{job}_{rank}_log.out").read_text()
-        assert f"rank {rank}/2: {shards} of 3 shards to caption here" in log, log
-    from bigdit.data.schema import shard_io
+        assert f"rank {rank}/2: {shards} of 4 shards to caption here" in log, log
+    from bigdit.data.shards import shard_io
 
     for shard in manifest["shards"]:
         for a, b in zip(shard_io("wds").read_shard(tmp_path / "one", shard["name"]),
@@ -500,3 +511,91 @@ def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
         "rank 4 never wrote a heartbeat in this allocation: it hangs before the training loop",
     ]
     assert json.loads(me.path.read_text())["failed"] == "RuntimeError: Timed out"  # rank 0 marked itself
+
+
+def stand_in_commands(tmp_path: Path, *names: str, real: bool = False) -> tuple[dict[str, str], Path]:
+    """An environment whose PATH starts with stand-ins for the SLURM commands ``names``: each records its call in
+    the returned log, then runs the real command (``real``) or fails."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "slurm-calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        tail = f'exec {shutil.which(name)} "$@"' if real else "exit 1"
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n{tail}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return env, calls
+
+
+@pytest.mark.slow
+def test_gpu_request_on_gpuless_partition_fails_before_sbatch_naming_the_keys(slurm, tmp_path):
+    """launcher=slurm keeps its default of 8 GPUs per node; this cluster's only partition has none. The launcher
+    says so, with the keys to set, before sbatch runs (sbatch would only say 'Invalid generic resource')."""
+    default = next(p[:-1] for p in subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+                   .stdout.split() if p.endswith("*"))
+    env, calls = stand_in_commands(tmp_path, "sbatch", real=True)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launchers/submit.py", *BASE, f"run.dir={run}", "launcher=slurm"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr
+    assert f"partition '{default}' (the cluster's default) has no GPUs" in err, err
+    assert "launcher.gpus_per_node=8 asks for 8 GPUs per node" in err, err
+    assert "launcher.gpus_per_node=0 launcher.tasks_per_node=N" in err, err
+    assert "Traceback" not in err and "submitted" not in proc.stdout, proc.stdout + err
+    assert not calls.exists(), calls.read_text()  # sbatch never ran
+    assert not run.exists()  # nothing written
+
+    # The same for an offline tool's job, and an explicit partition that lacks the GPUs asked for.
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "tools/encode_latents.py", *ENCODE, f"out={out}", "launcher=slurm",
+                           f"launcher.partition={default}", "launcher.gpus_per_node=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"launcher.gpus_per_node=1 asks for 1 GPUs per node, but partition '{default}' has no GPUs" in proc.stderr
+    assert not calls.exists() and not out.exists()
+
+
+@pytest.mark.slow
+def test_dry_run_with_default_gpus_contacts_no_cluster(tmp_path):
+    """The dry run prints the sbatch script of the default request (8 GPUs per node) without asking SLURM
+    anything: every SLURM command on PATH is a stand-in that would record its call."""
+    env, calls = stand_in_commands(tmp_path, "sinfo", "scontrol", "sbatch", "squeue", "sacct")
+    proc = subprocess.run([sys.executable, "launchers/submit.py", *BASE, f"run.dir={tmp_path / 'run'}",
+                           "launcher=slurm", "launcher.dry_run=true"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout.splitlines(), proc.stdout
+    assert not calls.exists(), calls.read_text()
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_request_problem_reads_sinfo_gres(tmp_path, monkeypatch):
+    """In one process, against a stand-in sinfo printing a mixed cluster: the default partition has no GPUs, 'gpu'
+    has 8 per node on one of its nodes, 'small' 2."""
+    from bigdit.launch import gpu_request_problem, gres_gpus
+
+    assert [gres_gpus(g) for g in ("(null)", "gpu:8", "gpu:h100:8(S:0-1),mps:400", "gpu:a100:2,gpu:v100:2",
+                                   "gpu:tesla:4(S:0,1)", "gpu", "mps:100")] == [0, 8, 8, 4, 4, 1, 0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'cpu*|c1|(null)|64\\ncpu*|c2|(null)|64\\n"
+                                   "gpu|g1|gpu:h100:8(S:0-1)|96\\ngpu|g2|gpu:h100:4|96\\nsmall|s1|gpu:2|16\\n'\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    launcher = OmegaConf.load(REPO / "configs" / "launcher" / "slurm.yaml")
+
+    def problem(**keys):
+        return gpu_request_problem(OmegaConf.merge(launcher, keys))
+
+    msg = problem()
+    assert msg.startswith("launcher.gpus_per_node=8 asks for 8 GPUs per node, but partition 'cpu' (the cluster's "
+                          "default) has no GPUs on its 2 node(s)"), msg
+    assert "launcher.gpus_per_node=0 launcher.tasks_per_node=N (N processes per node; its nodes have 64 CPUs)" in msg
+    assert "launcher.partition=gpu (8 GPUs per node)" in msg and "small" not in msg
+    assert problem(partition="gpu") is None and problem(partition="gpu", gpus_per_node=4) is None
+    msg = problem(partition="small")
+    assert "partition 'small' has at most 2 per node" in msg and "launcher.gpus_per_node=2" in msg, msg
+    assert problem(gpus_per_node=0, tasks_per_node=2) is None
+    assert problem(partition="elsewhere") is None  # unknown to sinfo: sbatch says so itself
+    assert problem(check_resources=False) is None
+    assert gpu_request_problem(OmegaConf.load(REPO / "configs" / "launcher" / "local.yaml")) is None

@@ -18,6 +18,8 @@ from bigdit.metrics import read_metrics
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # every test launches torchrun ranks
+
 BASE = [
     "experiment=demo", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "run.global_batch=16",
     "run.log_every=1", "run.ckpt_every=3", "ema.decay=0.9", "optim.warmup_steps=0", "optim.schedule=constant",

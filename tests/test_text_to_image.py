@@ -48,7 +48,7 @@ def train_cfg(run_dir: Path, shards: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def text_shards(tmp_path_factory, tiny_vae, caption_tars, tiny_clip) -> Path:
-    """6 captioned images -> 4x16x16 latents (3 WebDataset shards) -> + CLIP tokens of the tiny tower."""
+    """6 captioned images -> 4x16x16 latents (4 WebDataset shards: 2 per input tar) -> + CLIP tokens of the tiny tower."""
     config, weights = tiny_clip
     root = tmp_path_factory.mktemp("t2i")
     encode(input=caption_tars, out=root / "latents", format="wds", vae=tiny_vae, resolution=32, flip=False,
@@ -96,6 +96,7 @@ def test_caption_dropout_replaces_tokens_by_the_empty_prompt():
     assert torch.equal(conditioning({"y": labels}, drop, None, torch.device("cpu")), labels)  # the model drops labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(TINY_MODELS))
 def test_text_to_image_end_to_end(tmp_path, text_shards, backbone):
     run = tmp_path / "run"

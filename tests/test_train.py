@@ -125,6 +125,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert_same_tensors(final_state(tmp_path / "full")["model"], final_state(tmp_path / "accum")["model"], exact=False)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_gloo_matches_single_process(tmp_path):
     train(make_cfg(tmp_path / "single", "run.steps=4"))
     overrides = [*TINY, f"run.dir={tmp_path / 'ddp'}", "run.steps=4"]
@@ -160,6 +161,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
         train(make_cfg(tmp_path, "run.steps=4", "model.depth=3"))
 
 
+@pytest.mark.slow
 def test_sample_tool_writes_grid_and_adm_npz(tmp_path):
     train(make_cfg(tmp_path, "run.steps=2"))
     cmd = [sys.executable, "tools/sample.py", f"run={tmp_path}", "per_class=3", "steps=5", "classes=[1,4]", "sampler=ddim"]
@@ -178,6 +180,7 @@ def test_sample_tool_writes_grid_and_adm_npz(tmp_path):
     assert bad.returncode != 0 and "outside 0..9" in bad.stderr
 
 
+@pytest.mark.slow
 def test_make_demo_runs_the_whole_job(tmp_path):
     """`make demo`'s wiring (2-process training, sampling, scoring) on a few steps."""
     demo_dir = tmp_path / "demo"
@@ -235,6 +238,7 @@ def test_training_from_encoded_shards_counts_skipped_bad_samples(tmp_path, fmt):
     ["model=uvit", "model.name=U-ViT-S/2", "++model.hidden_size=32", "++model.num_heads=2", "++model.depth=2",
      "model.learn_sigma=false"],
 ])
+@pytest.mark.slow
 def test_every_backbone_trains_and_samples(tmp_path, model):
     common = ["model.input_size=8", "model.in_channels=1", "model.num_classes=10"]
     with initialize_config_dir(CONFIG_DIR, version_base=None):

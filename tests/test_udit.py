@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bigdit.models import MODELS, build_model
-from bigdit.models.udit import DeployFFN, RepFFN, UDiT, apply_rope, deploy, rope_2d_angles
+from bigdit.models.udit import DeployFFN, RepFFN, UDiT, apply_rope, rope_2d_angles
 
 SIZES = ("U-DiT-S", "U-DiT-B", "U-DiT-L")
 TRAIN_COUNTS = {"U-DiT-S": 58_896_568, "U-DiT-B": 231_251_304, "U-DiT-L": 916_335_304}
@@ -121,7 +121,7 @@ def test_deploy_equals_training_form_and_leaves_it_untouched():
     x, t, y = _inputs()
     with torch.no_grad():
         want = model(x, t, y)
-        merged = deploy(model)
+        merged = model.deploy()
         got = merged(x, t, y)
     assert merged is not model and not merged.rep
     assert not any(isinstance(m, RepFFN) for m in merged.modules())

@@ -18,6 +18,7 @@ import torch
 
 import bigdit  # noqa: F401  (torchvision shim before diffusers)
 from bigdit.codec import vae_moments
+from bigdit.perf import peak_memory_gib
 
 
 def sd_vae_architecture():
@@ -51,9 +52,12 @@ def main(argv: list[str]) -> None:
             vae_moments(vae, images)  # includes the copy back to host, as in the tool
             times.append(time.perf_counter() - start)
         results[str(res)] = batch / statistics.median(times)
+    # Peak over every resolution of this run (GPU: allocated memory; CPU: the process's peak RSS).
+    peak = peak_memory_gib(torch.device("cuda" if cuda else "cpu"))
     print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
                       "vae": args["vae"] or "SD-VAE architecture, random weights", "batch": batch,
-                      "images_per_s": results}))
+                      "images_per_s": results, "peak_mem_gib": peak,
+                      "command": "python tools/bench_encode.py " + " ".join(argv)}))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ It runs the real training loop (``bigdit.train``) in a temporary run directory, 
 ``bench.ranks`` under torchrun, logs every ``bench.log_every`` steps (the loop reads device values back only
 at log steps, so logging every step would add a host-device sync per step that real runs do not have), and
 reports the median over the log windows after ``bench.warmup_steps``: img/s, step time, TFLOP/s per device
-and MFU (from the explicit per-model FLOP formula in ``bigdit.flops``; the MFU denominator is the datasheet
-peak on known GPUs), peak memory of rank 0, both peaks (datasheet and a measured bf16/fp32 matmul), device,
-commit and command.
+and MFU (from each model's explicit ``forward_flops`` formula, 3x for a training step: ``bigdit.flops``; the
+MFU denominator is the datasheet peak on known GPUs), peak memory of rank 0, both peaks (datasheet and a
+measured bf16/fp32 matmul), device, commit and command. One configuration per run, so there is no order
+bias inside it; compare configurations from separate runs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main(argv: list[str]) -> None:
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         saved = OmegaConf.load(Path(tmp) / "config.yaml")
         model_cfg, precision = OmegaConf.to_container(saved.model), saved.run.precision
+        summary = Path(tmp) / "profile" / "summary.json"  # with run.profile=true: the step profile (steps 5-8)
+        profile = json.loads(summary.read_text()) if summary.is_file() else None
+        if profile:
+            profile.pop("steps", None)  # per-step rows; the means and the largest gaps stay
     timed = [r for r in records if r["step"] - bench["log_every"] >= bench["warmup_steps"]]
     if not timed:
         sys.exit(f"run.steps must exceed bench.warmup_steps={bench['warmup_steps']}")
@@ -68,8 +73,11 @@ def main(argv: list[str]) -> None:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    try:  # bench/gpu.sh sets BENCH_COMMIT (its copy of the tree may have no git)
+        commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        commit = "unknown"
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     print(json.dumps({
@@ -80,7 +88,7 @@ def main(argv: list[str]) -> None:
         "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in records),
         "steps_timed": len(timed) * bench["log_every"], "peak_tflops_datasheet": datasheet_tflops(dev, dtype),
         "peak_tflops_measured": round(measured_matmul_tflops(dev, dtype), 2),
-        "model": model_cfg,
+        "model": model_cfg, **({"profile": profile} if profile else {}),
     }))
 
 

@@ -2,8 +2,12 @@
 """Our DiT training step vs diffusers' ``DiTTransformer2DModel`` of the same configuration; prints JSON.
 
 ``python tools/bench_vs_diffusers.py [model=DiT-B/2] [batch=8] [steps=6] [device=cpu]``: same batch, fp32,
-AdamW, forward + backward + step; the two models alternate step by step so machine load hits both alike,
-and the median step time of each is reported with their ratio (> 1: ours is faster).
+AdamW, forward + backward + step. The two models alternate within each step *and* swap which goes first
+every step (``bigdit.perf.time_alternating``; ``steps`` must be even): in one process the second model of
+a pair runs on what the first left behind, which on a CPU biased a fixed-order comparison by ~10% either
+way. Reported: the median step time of each, and the per-step speed ratio (diffusers' time over ours, > 1:
+ours is faster) as min/median/max over the steps and as the median of the steps each model ran first;
+when those two medians disagree by more than the effect, the machine was too noisy for the number.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 import bigdit  # noqa: F401
 from bigdit.models import build_model
+from bigdit.perf import ratio_spread, time_alternating
 
 
 def diffusers_twin(ours):
@@ -30,6 +34,21 @@ def diffusers_twin(ours):
         patch_size=ours.patch_size, num_embeds_ada_norm=ours.num_classes)
 
 
+def training_step(model, forward, target, device):
+    """One forward + backward + AdamW step of ``model`` as a callable that returns when the device is done."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = (forward() - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
 def main(argv: list[str]) -> None:
     args = {"model": "DiT-B/2", "batch": "8", "steps": "6", "device": "cpu", **dict(a.split("=", 1) for a in argv)}
     device, batch, steps = torch.device(args["device"]), int(args["batch"]), int(args["steps"])
@@ -40,28 +59,18 @@ def main(argv: list[str]) -> None:
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, ours.num_classes, (batch,), device=device)
     target = torch.randn(batch, ours.out_channels, ours.input_size, ours.input_size, device=device)
-    runs = {
-        "bigdit": (ours, lambda: ours(x, t, y)),
-        "diffusers": (theirs, lambda: theirs(x, timestep=t, class_labels=y).sample),
-    }
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
-    times = {k: [] for k in runs}
-    for i in range(steps + 1):  # the first step of each is warm-up
-        for name, (_, fwd) in runs.items():
-            start = time.perf_counter()
-            loss = (fwd() - target).square().mean()
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    ours_s, theirs_s = time_alternating(  # one untimed warm-up step each (allocator, AdamW state)
+        training_step(ours, lambda: ours(x, t, y), target, device),
+        training_step(theirs, lambda: theirs(x, timestep=t, class_labels=y).sample, target, device), steps)
+    spread = ratio_spread(ours_s, theirs_s)
     print(json.dumps({
         "model": args["model"], "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
-        "params": {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in runs.items()},
-        "step_time_s": med, "speed_ratio_bigdit_over_diffusers": med["diffusers"] / med["bigdit"],
+        "steps": steps, "params": {k: sum(p.numel() for p in m.parameters()) for k, m in
+                                   (("bigdit", ours), ("diffusers", theirs))},
+        "step_time_s": {"bigdit": statistics.median(ours_s), "diffusers": statistics.median(theirs_s)},
+        "speed_ratio_bigdit_over_diffusers": {
+            "min": spread["min"], "median": spread["median"], "max": spread["max"],
+            "median_bigdit_first": spread["median_a_first"], "median_diffusers_first": spread["median_b_first"]},
     }))
 
 

@@ -14,7 +14,6 @@ or ``--help``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -23,7 +22,9 @@ import torch
 from omegaconf import DictConfig
 
 import bigdit  # noqa: F401  (torchvision shim before open_clip)
-from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest, shard_io, write_json_atomic
+from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest
+from bigdit.data.shards import save_manifest, shard_io, write_shard
+from bigdit.fsio import atomic_path
 from bigdit.launch import run_or_submit, work_slice
 from bigdit.text import TextEncoder
 
@@ -56,37 +57,27 @@ def run(cfg: DictConfig) -> Manifest | None:
             missing = [s["key"] for s in samples if s.get("txt") is None]
             if missing:
                 raise ValueError(f"{cfg.shards}/{name}: samples {missing[:3]} have no txt caption")
-            writer = io.Writer(out, name)
-            try:
+            record = json.loads((Path(cfg.shards) / f"{name}.json").read_text())  # same samples: same stats
+            with write_shard(out, manifest.format, name, record) as writer:
                 for i in range(0, len(samples), cfg.batch_size):
                     batch = samples[i : i + cfg.batch_size]
                     tokens, pooled = enc([s["txt"] for s in batch])
                     for s, t, p in zip(batch, tokens, pooled):
                         writer.write(dict(s, clip_tokens=t, clip_pooled=p))
                     bar.update(len(batch))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            record = json.loads((Path(cfg.shards) / f"{name}.json").read_text())
-            record["bytes"] = io.shard_bytes(out, name)
-            write_json_atomic(out / f"{name}.json", record)
     if not all((out / f"{shard['name']}.json").is_file() for shard in manifest.shards):
         print(f"rank {rank}: done; other ranks still own missing shards, the last one to finish writes "
               f"{out}/manifest.json", flush=True)
         return None
     tokens, pooled = enc([""])
-    tmp = out / f".{os.getpid()}.{EMPTY_PROMPT_NAME}"  # renamed: several last ranks may finish together
-    np.savez(tmp, tokens=tokens[0], pooled=pooled[0])
-    os.replace(tmp, out / EMPTY_PROMPT_NAME)
+    # Atomic: several last ranks may finish together. Saved through a file object: np.savez appends ".npz"
+    # to a path that lacks it, which the temporary name does.
+    with atomic_path(out / EMPTY_PROMPT_NAME) as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens=tokens[0], pooled=pooled[0])
     manifest.text = {"model": cfg.clip_model, "pretrained": cfg.pretrained, "layer": cfg.layer,
                      "model_config": cfg.model_config, "tokens": enc.tokens,
                      "dim": enc.dim, "pooled_dim": int(pooled.shape[-1])}
-    if manifest.format == "mds":
-        from bigdit.data.mds import merge_index
-
-        merge_index(out, [s["name"] for s in manifest.shards])
-    manifest.save(out)
+    save_manifest(out, manifest)
     print(f"{manifest.count} captions -> {out} ({cfg.clip_model}, {cfg.layer} layer: tokens {enc.tokens}x{enc.dim}, "
           f"pooled {pooled.shape[-1]}); empty prompt -> {out / EMPTY_PROMPT_NAME}")
     return manifest

@@ -4,7 +4,8 @@
 ``python tools/scaling_model.py model=DiT-XL/2 batch_per_gpu=256 [tflops_per_gpu=400] [strategies=ddp,zero2,fsdp,hsdp]
 [intra_node_gbps=360] [inter_node_gbps=45] [gpus_per_node=8] [overlap=0.8] [json=true]``
 
-Compute time per step = batch_per_gpu x training FLOPs per sample (bigdit.flops) / achieved TFLOP/s.
+Compute time per step = batch_per_gpu x training FLOPs per sample (3x the model's ``forward_flops()``:
+bigdit.flops.train_flops_per_sample) / achieved TFLOP/s.
 Communication: bigdit.scaling (ring collectives, NVLink inside a node, InfiniBand across nodes). Gradients
 reduce in fp32 and weights are gathered in bf16 (the bf16 training recipes).
 """

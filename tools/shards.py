@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 import bigdit  # noqa: F401  (torchvision shim before streaming)
-from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest, shard_io, validate_sample, write_json_atomic
-from bigdit.data.wds import ShardError
+from bigdit.data.schema import EMPTY_PROMPT_NAME, Manifest, ShardError, validate_sample
+from bigdit.data.shards import save_manifest, shard_io, write_shard
 
 
 def describe(value: Any) -> str:
@@ -82,33 +82,22 @@ def convert(src: str, dst: str, progress: bool = True) -> Manifest:
 
     manifest = Manifest.load(src)
     fmt = "mds" if manifest.format == "wds" else "wds"
-    src_io, dst_io = shard_io(manifest.format), shard_io(fmt)
+    src_io = shard_io(manifest.format)
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=manifest.count, unit="sample", disable=not progress) as bar:
         for shard in manifest.shards:
             name = shard["name"]
             if not (out / f"{name}.json").is_file():  # resumable, like the encoder
-                writer = dst_io.Writer(out, name)
-                try:
+                record = json.loads((Path(src) / f"{name}.json").read_text())
+                with write_shard(out, fmt, name, record) as writer:
                     for sample in src_io.read_shard(src, name):
                         writer.write(sample)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-                record = json.loads((Path(src) / f"{name}.json").read_text())
-                record["bytes"] = dst_io.shard_bytes(out, name)
-                write_json_atomic(out / f"{name}.json", record)
             bar.update(shard["count"])
     if (Path(src) / EMPTY_PROMPT_NAME).is_file():
         shutil.copy(Path(src) / EMPTY_PROMPT_NAME, out / EMPTY_PROMPT_NAME)
     manifest.format = fmt
-    if fmt == "mds":
-        from bigdit.data.mds import merge_index
-
-        merge_index(out, [s["name"] for s in manifest.shards])
-    manifest.save(out)
+    save_manifest(out, manifest)
     return manifest
 
 

@@ -38,9 +38,16 @@ class Loader(Protocol):
     sample_shape: tuple[int, int, int]
     #: number of class labels (0 for unconditional data)
     num_classes: int
+    #: width of the cached CLIP token embeddings (``clip_tokens`` in each batch), None without text
+    text_dim: int | None
+    #: the cached empty-prompt CLIP tokens (T, D), what a dropped caption becomes; None without text
+    empty_context: torch.Tensor | None
+    #: samples this rank skipped as bad so far (``data.skip_bad_samples=true``); 0 for loaders that cannot meet any
+    bad_samples: int
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's ``plan.accum_steps`` micro-batches of optimizer step ``step``: ``x`` and ``y``."""
+        """This rank's ``plan.accum_steps`` micro-batches of optimizer step ``step``: ``x`` and ``y``
+        (and ``clip_tokens`` when ``text_dim`` is set)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -95,6 +102,11 @@ class EpochSampler:
 class IndexedLoader:
     """Loader over a random-access :class:`Source`: the global batch of step ``s`` is stream positions
     ``[s * global_batch, (s + 1) * global_batch)``, so the loader is stateless (its state is the step)."""
+
+    #: in-memory sources have no text and no bad samples
+    text_dim = None
+    empty_context = None
+    bad_samples = 0
 
     def __init__(self, source: Source, plan: BatchPlan, rank: int, seed: int):
         self.source = source

@@ -1,7 +1,8 @@
 """MosaicML Streaming (MDS) shards and the ``data=mds`` loader.
 
 Each work shard ``shard-NNNNNN`` is one MDS directory (``index.json`` + ``shard.*.mds``) written by
-``streaming.MDSWriter``; the encoder also merges a root ``index.json`` so the whole dataset opens
+``streaming.MDSWriter`` (:class:`Writer`); a finished directory also gets a root ``index.json``
+(:func:`merge_index`, written by :func:`bigdit.data.shards.save_manifest`), so the whole dataset opens
 directly with ``streaming.StreamingDataset(local=root)``, which is how the training loader
 (:class:`MdsLoader`) reads it. :func:`read_shard` decodes one shard directory on its own, for
 ``tools/shards.py`` (inspect, verify, convert).
@@ -9,9 +10,12 @@ directly with ``streaming.StreamingDataset(local=root)``, which is how the train
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,20 +26,38 @@ import torch
 
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.data import resolve_pin_memory
-from bigdit.data.schema import MDS_COLUMNS, ShardDataset, check_key
-from bigdit.data.wds import ShardError, _check_count, _check_sample
+from bigdit.data.schema import ShardError, check_count, check_key, sample_problems
+from bigdit.data.shard_dataset import ShardDataset
+from bigdit.fsio import temp_name, write_atomic
+
+#: MDS column encodings of the sample fields.
+MDS_COLUMNS = {"key": "str", "moments": "ndarray", "moments_flip": "ndarray", "cls": "int", "txt": "str",
+               "clip_tokens": "ndarray", "clip_pooled": "ndarray", "json": "json"}
+
+# streaming is imported inside the functions that use it: importing it takes seconds, and the tools that
+# only dispatch between formats (bigdit.data.shards) import this module whatever the format.
 
 
 class Writer:
-    """Writes one MDS shard directory to ``<name>.tmp/`` and renames it to ``<name>/`` on :meth:`close`."""
+    """One MDS shard directory, written in a ``with`` block: ``with Writer(root, name) as w: w.write(sample)``.
+
+    ``streaming.MDSWriter`` writes into a temporary directory (:func:`bigdit.fsio.temp_name`), renamed to
+    ``<name>/`` when the block ends cleanly and removed when it raises. A directory cannot go through
+    :func:`bigdit.fsio.atomic_path` (which syncs one file), hence the rename here.
+    """
 
     def __init__(self, root: str | Path, name: str):
         self.path = Path(root) / name
-        self.tmp = Path(root) / f"{name}.tmp"
-        shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier attempt
+        self.tmp = temp_name(self.path)
         self.columns: list[str] = []
         self._writer = None
         self.count = 0
+
+    def __enter__(self) -> Writer:
+        # This rank owns the shard: temporary directories of killed earlier attempts go.
+        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return self
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample (see :mod:`bigdit.data.schema`); the first sample fixes the columns."""
@@ -53,21 +75,19 @@ class Writer:
         self._writer.write({c: row[c] for c in self.columns})
         self.count += 1
 
-    def close(self) -> Path:
-        """Finish the shard and move it under its final name."""
-        if self._writer is None:
-            raise ValueError(f"{self.path}: no samples written")
-        self._writer.finish()
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop the partial shard."""
-        if self._writer is not None:
-            self._writer.finish()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        """Finish the shard and move it under its final name; after an error, drop it."""
+        try:
+            if self._writer is not None:
+                self._writer.finish()  # also after an error: it closes the shard file it holds open
+            if exc_type is None:
+                if self._writer is None:
+                    raise ValueError(f"{self.path}: no samples written")
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                os.replace(self.tmp, self.path)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone after the rename; a partial shard otherwise
 
 
 def exists(root: str | Path, name: str) -> bool:
@@ -111,7 +131,7 @@ def read_shard(root: str | Path, name: str, expected: int | None = None) -> Iter
             key = sample.get("key")
             n += 1
             yield sample
-    _check_count(d, n, expected, key)
+    check_count(d, n, expected, key)
 
 
 def __getattr__(name: str):
@@ -139,19 +159,20 @@ def _validating_dataset():
             the check raises :class:`ShardError` naming its shard file and key, or with
             ``skip_bad_samples`` comes back as ``{"bad": reason, "index": i}`` (replaced when batched)."""
 
-            def configure(self, root: str, shapes: dict[str, tuple], need_cls: bool, skip_bad_samples: bool):
-                self.bigdit = (root, shapes, need_cls, skip_bad_samples)
+            def configure(self, root: str, shapes: dict[str, tuple], required: tuple[str, ...],
+                          skip_bad_samples: bool):
+                self.bigdit = (root, shapes, required, skip_bad_samples)
                 return self
 
             def get_item(self, sample_id: int, retry: int = 7) -> Any:
-                root, shapes, need_cls, skip = self.bigdit
+                root, shapes, required, skip = self.bigdit
                 sample = None
                 try:
                     sample = super().get_item(sample_id, retry)
-                    problem = _check_sample(sample, shapes, need_cls)
+                    problem = "; ".join(sample_problems(sample, shapes, required, finite=False))
                 except Exception as e:  # any decoding failure means corrupt or truncated bytes
                     problem = f"cannot decode it ({type(e).__name__}: {e})"
-                if problem is None:
+                if not problem:
                     sample["index"] = sample_id
                     return sample
                 shard_id, k = self.spanner[sample_id]
@@ -258,7 +279,7 @@ class MdsLoader(ShardDataset):
         self.dataset = _validating_dataset()(
             local=self.root, remote=remote, batch_size=plan.micro_batch, shuffle=shuffle, shuffle_seed=self.seed,
             epoch_size=self.epoch_samples,
-        ).configure(self.root, shapes, bool(self.manifest.classes), skip_bad_samples)
+        ).configure(self.root, shapes, ("cls",) if self.manifest.classes else (), skip_bad_samples)
         extra = {"prefetch_factor": int(prefetch_factor)} if self.num_workers else {}
         self.loader = StreamingDataLoader(self.dataset, batch_size=plan.micro_batch, num_workers=self.num_workers,
                                           collate_fn=_Collate(list(shapes)), pin_memory=resolve_pin_memory(pin_memory),
@@ -354,17 +375,24 @@ class MdsLoader(ShardDataset):
 
 
 def merge_index(root: str | Path, names: list[str]) -> Path:
-    """Root ``index.json`` listing every shard directory's MDS files, for ``StreamingDataset(local=root)``."""
-    shards = []
-    for name in names:
-        for obj in json.loads((Path(root) / name / "index.json").read_text())["shards"]:
-            obj = json.loads(json.dumps(obj))
-            obj["raw_data"]["basename"] = f"{name}/{obj['raw_data']['basename']}"
-            if obj.get("zip_data"):
-                obj["zip_data"]["basename"] = f"{name}/{obj['zip_data']['basename']}"
-            shards.append(obj)
-    path = Path(root) / "index.json"
-    tmp = path.with_name(f".index.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": 2, "shards": shards}))
-    os.replace(tmp, path)
-    return path
+    """Write the root ``index.json`` listing every shard directory's MDS files, which is what
+    ``StreamingDataset(local=root)`` opens.
+
+    streaming's own ``merge_index`` builds it; it writes into a scratch directory here and the result is
+    renamed into place (:func:`bigdit.fsio.write_atomic`), because streaming moves its file onto ``root``
+    non-atomically and refuses to replace an existing index (several last ranks may finish together).
+    """
+    from streaming.base.util import merge_index as merge_partition_indexes
+
+    root = Path(root)
+    # streaming announces its scratch folder at every merge with a warning logged on the root logger itself. A
+    # logger's filters only see records logged on it, and this one passes loggers named streaming* only: it
+    # drops that notice, while streaming's own loggers (its real warnings) still reach the handlers.
+    drop = logging.Filter("streaming")
+    logging.root.addFilter(drop)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            merge_partition_indexes([str(root / name / "index.json") for name in names], scratch)
+            return write_atomic(root / "index.json", (Path(scratch) / "index.json").read_bytes())
+    finally:
+        logging.root.removeFilter(drop)

@@ -17,9 +17,9 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -29,36 +29,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigdit.codec import LatentCodec
 from bigdit.batching import BatchPlan, stream_seed
+from bigdit.codec import LatentCodec
 from bigdit.data import pin_batch, resolve_pin_memory
-from bigdit.data.schema import (EXT_FIELD, WDS_EXT, Manifest, SchemaError, ShardDataset, check_key, fetch, npy_array,
-                                 npy_bytes, shard_io)
+from bigdit.data.npy import npy_array, npy_bytes
+from bigdit.data.schema import ARRAY_FIELDS, Manifest, SchemaError, ShardError, check_count, check_key, sample_problems
+from bigdit.data.shard_dataset import ShardDataset, fetch
+from bigdit.fsio import atomic_path
 
 SUFFIX = ".tar"
-
-
-class ShardError(RuntimeError):
-    """A corrupt or truncated shard, or a bad sample in it (the message names the shard and key)."""
-
-
-def shard_name(index: int) -> str:
-    """Canonical name (without suffix) of shard ``index``."""
-    return f"shard-{index:06d}"
+#: field -> tar member extension (the part of a member name after the key's dot).
+WDS_EXT = {"moments": "moments.npy", "moments_flip": "moments_flip.npy", "clip_tokens": "clip_tokens.npy",
+           "clip_pooled": "clip_pooled.npy", "cls": "cls", "txt": "txt", "json": "json"}
+EXT_FIELD = {v: k for k, v in WDS_EXT.items()}
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
 class Writer:
-    """Writes one WebDataset shard to ``<name>.tar.tmp`` and renames it to ``<name>.tar`` on :meth:`close`,
-    so a crash never leaves a truncated shard under the final name."""
+    """One WebDataset shard, written in a ``with`` block: ``with Writer(root, name) as w: w.write(sample)``.
+
+    The tar is written under a temporary name and renamed to ``<name>.tar`` when the block ends cleanly, or
+    dropped when it raises (:func:`bigdit.fsio.atomic_path`), so a crash never leaves a truncated shard
+    under the final name.
+    """
 
     def __init__(self, root: str | Path, name: str):
         self.path = Path(root) / f"{name}{SUFFIX}"
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._tar = tarfile.open(self.tmp, "w")
         self.count = 0
+
+    def __enter__(self) -> Writer:
+        # Exited in reverse on __exit__: the tar is closed (its end-of-archive marker written, or after an
+        # error not) before atomic_path renames or removes the file. The with only unwinds a failed open.
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path, exclusive=True))  # this rank owns the shard
+            self._tar = stack.enter_context(tarfile.open(tmp, "w"))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample (see :mod:`bigdit.data.schema`)."""
@@ -77,17 +88,6 @@ class Writer:
             info.size = len(data)
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
-
-    def close(self) -> Path:
-        """Finish the shard and move it under its final name."""
-        self._tar.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop the partial shard."""
-        self._tar.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def fetch_shard(remote: str, root: str | Path, name: str) -> None:
@@ -109,7 +109,7 @@ def shard_bytes(root: str | Path, name: str) -> int:
 
 
 def _decode_member(field: str, data: memoryview) -> Any:
-    if field in ("moments", "moments_flip", "clip_tokens", "clip_pooled"):
+    if field in ARRAY_FIELDS:
         return npy_array(data)
     if field == "cls":
         return int(bytes(data))
@@ -199,28 +199,10 @@ def read_shard(root: str | Path, name: str, expected: int | None = None) -> Iter
         raise ShardError(f"{e} (after sample {key!r})") from e
     if sample:
         yield sample
-    _check_count(path, n, expected, key)
-
-
-def _check_count(path: Path, n: int, expected: int | None, key: str | None) -> None:
-    if expected is not None and n != expected:
-        raise ShardError(f"{path}: truncated shard: {n} of {expected} samples, the last one {key!r}")
+    check_count(path, n, expected, key)
 
 
 # ------------------------------------------------------------------------------------------- the loader
-
-
-def _check_sample(sample: dict[str, Any], shapes: dict[str, tuple[int, ...]], need_cls: bool) -> str | None:
-    """Cheap per-sample check of what training consumes (tools/shards.py verify does the full check)."""
-    for name, shape in shapes.items():
-        a = sample.get(name)
-        if a is None:
-            return f"missing field {name!r}"
-        if a.shape != shape or a.dtype != np.float16:
-            return f"{name} is {a.dtype}{tuple(a.shape)}, expected float16{shape}"
-    if need_cls and "cls" not in sample:
-        return "missing field 'cls'"
-    return None
 
 
 class ShardStreams:
@@ -230,16 +212,17 @@ class ShardStreams:
     loader's worker processes alive (their shutdown then happens promptly, not in the garbage collector).
     """
 
-    def __init__(self, root: str, fmt: str, manifest: Manifest, world_size: int, rank: int, streams: int,
-                 micro_batch: int, seed: int, shuffle: bool, skip_bad_samples: bool, shapes: dict[str, tuple],
-                 codec: LatentCodec, remote: str | None = None):
-        self.root, self.fmt, self.world_size, self.rank, self.streams = root, fmt, world_size, rank, streams
+    def __init__(self, root: str, manifest: Manifest, world_size: int, rank: int, streams: int, micro_batch: int,
+                 seed: int, shuffle: bool, skip_bad_samples: bool, shapes: dict[str, tuple], codec: LatentCodec,
+                 remote: str | None = None):
+        self.root, self.world_size, self.rank, self.streams = root, world_size, rank, streams
         self.codec, self.remote = codec, remote
         self.micro_batch, self.seed, self.shuffle, self.skip_bad_samples = micro_batch, seed, shuffle, skip_bad_samples
         self.shapes = shapes
         self.names = [s["name"] for s in manifest.shards]
         self.counts = np.array([s["count"] for s in manifest.shards], dtype=np.int64)
-        self.need_cls = bool(manifest.classes)
+        #: fields training consumes besides the arrays (what the per-sample check asks for)
+        self.required = ("cls",) if manifest.classes else ()
         self._epoch_batches: dict[int, int] = {}
 
     def shards_of(self, epoch: int, rank: int, stream: int) -> np.ndarray:
@@ -291,8 +274,8 @@ class ShardStreams:
                     continue
                 for sample in self._shard_samples(epoch, int(shard)):
                     if not isinstance(sample, ShardError):
-                        problem = _check_sample(sample, self.shapes, self.need_cls)
-                        if problem is None:
+                        problems = sample_problems(sample, self.shapes, self.required, finite=False)
+                        if not problems:
                             if skip:
                                 skip -= 1
                                 continue
@@ -307,7 +290,7 @@ class ShardStreams:
                             continue
                         if not self.skip_bad_samples:
                             raise ShardError(f"{self.root}/{self.names[shard]}: sample {sample.get('key')!r}: "
-                                             f"{problem} (data.skip_bad_samples=true skips such samples)")
+                                             f"{'; '.join(problems)} (data.skip_bad_samples=true skips such samples)")
                     bad += 1
             # Only reached when skipped bad samples left the stream short: repeat its shards from the
             # start so every rank still yields the same number of batches (no DDP hang).
@@ -319,9 +302,9 @@ class ShardStreams:
         """Samples of one shard in this epoch's order; with skip_bad_samples, errors come back as values."""
         samples: list[dict[str, Any] | ShardError] = []
         if self.remote:  # fetched by the worker that reads it, just before reading
-            shard_io(self.fmt).fetch_shard(self.remote, self.root, self.names[shard])
+            fetch_shard(self.remote, self.root, self.names[shard])
         try:
-            samples.extend(shard_io(self.fmt).read_shard(self.root, self.names[shard], int(self.counts[shard])))
+            samples.extend(read_shard(self.root, self.names[shard], int(self.counts[shard])))
         except ShardError as e:
             if not self.skip_bad_samples:
                 raise ShardError(f"{e} (data.skip_bad_samples=true skips bad samples and shards)") from e
@@ -374,8 +357,8 @@ def _raw_batches(streams: ShardStreams, pos: int, num_workers: int, prefetch_fac
         epoch, start = epoch + 1, 0
 
 
-class ShardLoader(ShardDataset):
-    """Training loader over a shard directory (see the module docstring for the stream it reads).
+class WdsLoader(ShardDataset):
+    """``data=wds``: the training loader over WebDataset tars (see the module docstring for the stream it reads).
 
     ``root`` is the shard directory, or with ``remote`` (s3://, gs://, ..., or a path) the local cache
     that the manifest and each shard are copied to before they are first read (the cache is not evicted).
@@ -395,7 +378,7 @@ class ShardLoader(ShardDataset):
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = resolve_pin_memory(pin_memory)
-        self.streams = ShardStreams(self.root, self.format, self.manifest, plan.world_size, rank,
+        self.streams = ShardStreams(self.root, self.manifest, plan.world_size, rank,
                                     max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,
                                     shapes, self.codec, remote)
         needed = plan.world_size * self.streams.streams
@@ -458,9 +441,3 @@ class ShardLoader(ShardDataset):
             warnings.warn(f"resuming {self.root} with stream layout {now} instead of {saved}: the data order "
                           f"changes, so the rest of the run does not see what an uninterrupted run would",
                           stacklevel=2)
-
-
-class WdsLoader(ShardLoader):
-    """``data=wds``: the shard-stream loader over WebDataset tars."""
-
-    format = "wds"

@@ -1,4 +1,8 @@
-"""Distributed strategies behind one interface; ``build_strategy`` picks one from the ``strategy`` config."""
+"""Distributed strategies behind one interface; ``build_strategy`` picks one from the ``strategy`` config.
+
+``STRATEGIES`` maps each strategy's ``name`` (the ``strategy.name`` config value, also recorded in every
+checkpoint it writes) to its class: the one to resume or consolidate that checkpoint with.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,23 @@ from bigdit.engine.ddp import DDPStrategy
 from bigdit.engine.deepspeed import DeepSpeedStrategy
 from bigdit.engine.fsdp import FSDP2Strategy
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDPStrategy, FSDP2Strategy, DeepSpeedStrategy)}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy class registered as ``name``."""
+    if name not in STRATEGIES:
+        raise KeyError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
 
 
 def build_strategy(name: str, precision: str = "fp32", timeout_s: float = 600.0, **options: Any) -> Strategy:
     """Join the job described by the environment and build strategy ``name`` with its ``options``."""
-    if name not in STRATEGIES:
-        raise KeyError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
-    cls = STRATEGIES[name]
+    cls = strategy_class(name)
     info = rank_info_from_env()
     device = init_distributed(info, timeout_s=timeout_s, always=cls.needs_process_group)
     return cls(info, device, precision=precision, **options)
 
 
-__all__ = ["STRATEGIES", "RankInfo", "Strategy", "build_strategy", "init_distributed", "rank_info_from_env"]
+__all__ = ["STRATEGIES", "RankInfo", "Strategy", "build_strategy", "init_distributed", "rank_info_from_env",
+           "strategy_class"]

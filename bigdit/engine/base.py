@@ -4,6 +4,11 @@ Shaped like Lightning Fabric's Strategy: the model and optimizer are set up toge
 strategies must build the optimizer over sharded parameters), and the loop only calls ``backward``,
 ``optimizer_step`` (which clips and reports the gradient norm), ``no_sync``, ``save``/``load`` and a
 few collectives.
+
+Each strategy owns its checkpoint format, writing and offline consolidation alike: ``save``/``load``
+during training, and the classmethod ``consolidate`` to turn a checkpoint directory back into full
+weights in one process, without a process group (export, sampling). The checkpoint records which
+strategy wrote it (``checkpoint_meta``, written by :class:`bigdit.checkpoint.Checkpointer`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -111,12 +116,15 @@ def full_numel(p: torch.Tensor) -> int:
 class Strategy(ABC):
     """One distributed training strategy: owns the wrapped model, the optimizer and their checkpoints."""
 
+    #: the ``strategy.name`` config value that selects this class, recorded in its checkpoints
+    name: ClassVar[str]
     #: whether the strategy needs a process group even for a single process
     needs_process_group = False
 
-    def __init__(self, info: RankInfo, device: torch.device):
+    def __init__(self, info: RankInfo, device: torch.device, precision: str = "fp32"):
         self.info = info
         self.device = device
+        self.precision = precision
         self.module: nn.Module | None = None  # the bare model, as built by the model file
         self.model: nn.Module | None = None  # what the loop calls forward on (possibly wrapped)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -166,6 +174,23 @@ class Strategy(ABC):
     def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore model and optimizer from ``directory``; return ``extra`` and this rank's EMA tensors,
         resharded to the current world size where the strategy supports it."""
+
+    #: the :meth:`checkpoint_meta` fields a resumed run must share with the checkpoint (the world size may
+    #: change where the strategy reshards; the layout may not)
+    resume_keys: tuple[str, ...] = ("name",)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint records about the strategy that wrote it (JSON-serialisable): its ``name``,
+        which picks the class to consolidate it with, and the layout (world size, precision, ...)."""
+        return {"name": self.name, "world_size": self.info.world_size, "precision": self.precision}
+
+    @classmethod
+    @abstractmethod
+    def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
+                    which: str = "ema") -> dict[str, torch.Tensor]:
+        """Full (unsharded) fp32 ``ema`` or ``model`` weights from a checkpoint directory this strategy
+        wrote, in one process and without a process group; ``param_shapes`` are the model's parameter
+        shapes (for formats that do not record them)."""
 
     #: whether gradients / optimizer state are split over ranks (ZeRO-2/3, FSDP) or replicated (DDP)
     shards_grads = False

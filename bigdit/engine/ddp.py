@@ -1,4 +1,8 @@
-"""Data parallelism with torch DDP (one process per device; a single process is the world-size-1 case)."""
+"""Data parallelism with torch DDP (one process per device; a single process is the world-size-1 case).
+
+Owns its checkpoint format, writing and offline consolidation alike: rank 0 writes one ``state.pt``
+holding the full model, optimizer and EMA state dicts plus ``extra`` (replicas are identical).
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ class DDPStrategy(Strategy):
     also makes resuming with a different number of ranks trivial.
     """
 
+    name = "ddp"
+
     def __init__(self, info, device, precision: str = "fp32", find_unused_parameters: bool = False,
                  bucket_cap_mb: int = 25):
         # bf16 is autocast in the loop; DDP keeps fp32 weights and all-reduces fp32 gradients.
-        super().__init__(info, device)
+        super().__init__(info, device, precision)
         self.find_unused_parameters = find_unused_parameters
         self.bucket_cap_mb = bucket_cap_mb
 
@@ -54,10 +60,21 @@ class DDPStrategy(Strategy):
         self.barrier()
 
     def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        path = directory / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {directory} was not written by strategy=ddp")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = _read_state(directory, self.device)
         self.module.load_state_dict(state.pop("model"), strict=True)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         return state, state.pop("ema")
+
+    @classmethod
+    def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
+                    which: str = "ema") -> dict[str, torch.Tensor]:
+        # state.pt already holds the full weights; the shapes are not needed.
+        return dict(_read_state(directory, "cpu")[which])
+
+
+def _read_state(directory: Path, device: torch.device | str) -> dict[str, Any]:
+    """The whole ``state.pt`` of ``directory`` on ``device`` (tensors and plain containers only)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} was not written by strategy=ddp")
+    return torch.load(path, map_location=device, weights_only=True)

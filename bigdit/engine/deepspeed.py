@@ -4,6 +4,12 @@ Launched without DeepSpeed's launcher: ranks come from the environment (torchrun
 the process group that :func:`bigdit.engine.init_distributed` opened is reused. Under ZeRO-3 each rank
 keeps the EMA of its own parameter partitions (``param.ds_tensor``), so the EMA is never gathered to be
 updated; ZeRO-1/2 replicate parameters, so the EMA is replicated like them.
+
+Owns its checkpoint format, writing and offline consolidation alike: DeepSpeed's own checkpoint under
+``deepspeed/`` (model and ZeRO optimizer partitions; ``deepspeed_universal/`` is added when resuming on
+another number of ranks), the EMA as ``ema.pt`` from rank 0 under ZeRO-1/2 or one ``ema_rank{r:05d}.pt``
+partition file per rank under ZeRO-3 (each recording the world size and stage it was saved with), and
+``extra.pt`` from rank 0.
 """
 
 from __future__ import annotations
@@ -20,8 +26,29 @@ from bigdit.batching import BatchPlan
 from bigdit.engine.base import OptimizerFactory, Strategy
 
 EXTRA_FILE = "extra.pt"
+EMA_FILE = "ema.pt"  # ZeRO-1/2: the replicated EMA, from rank 0
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
+
+
+def _zero3_ema_file(rank: int) -> str:
+    return f"ema_rank{rank:05d}.pt"
+
+
+def _zero3_full_ema(directory: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Reassemble ZeRO-3 EMA partitions into full fp32 tensors: each parameter is flattened, padded to a
+    multiple of the world size and split evenly, rank r holding the r-th slice (DeepSpeed's ``ds_tensor``
+    layout)."""
+    files = sorted(Path(directory).glob("ema_rank*.pt"))
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    world = parts[0]["world_size"] if parts else 0
+    if not parts or len(parts) != world:
+        raise FileNotFoundError(f"{directory} holds {len(parts)} ZeRO-3 EMA partition files for {world} ranks")
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([p["ema"][name].reshape(-1).float().cpu() for p in parts])
+        out[name] = flat[: shape.numel()].view(shape).clone()
+    return out
 
 
 def _disable_cpu_shm_comm_build() -> None:
@@ -40,16 +67,16 @@ def _disable_cpu_shm_comm_build() -> None:
 class DeepSpeedStrategy(Strategy):
     """``deepspeed.initialize`` with a ZeRO config built from bigdit's run and strategy keys."""
 
+    name = "deepspeed"
     needs_process_group = True
 
     def __init__(self, info, device, precision: str = "fp32", zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_params: bool = False, overlap_comm: bool = False, extra_config: dict | None = None):
-        super().__init__(info, device)
+        super().__init__(info, device, precision)
         if zero_stage not in (1, 2, 3):
             raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {zero_stage}")
         if offload_params and zero_stage != 3:
             raise ValueError("strategy.offload_params needs strategy.zero_stage=3 (only ZeRO-3 partitions parameters)")
-        self.precision = precision
         self.zero_stage = zero_stage
         self.shards_optimizer = True
         self.shards_grads = zero_stage >= 2
@@ -123,7 +150,13 @@ class DeepSpeedStrategy(Strategy):
         return super().ema_targets()
 
     def _ema_file(self) -> str:
-        return f"ema_rank{self.info.rank:05d}.pt" if self.zero_stage == 3 else "ema.pt"
+        return _zero3_ema_file(self.info.rank) if self.zero_stage == 3 else EMA_FILE
+
+    #: ZeRO-1 and ZeRO-2 write the same files, so only the recorded stage tells them apart
+    resume_keys = ("name", "zero_stage")
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "zero_stage": self.zero_stage}
 
     def save(self, directory: Path, extra: dict[str, Any], ema: dict[str, torch.Tensor]) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG)
@@ -139,22 +172,22 @@ class DeepSpeedStrategy(Strategy):
             raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/ or {EXTRA_FILE}); "
                                     f"it was written by another strategy: resume with that strategy")
         # Rank 0's EMA file exists whatever the world size now is; it records the world size it was saved with.
-        first = directory / ("ema_rank00000.pt" if self.zero_stage == 3 else "ema.pt")
+        first = directory / (_zero3_ema_file(0) if self.zero_stage == 3 else EMA_FILE)
         if not first.is_file():
             raise FileNotFoundError(f"{first} is missing: the checkpoint was written with another ZeRO stage; "
                                     f"resume with the original strategy.zero_stage")
-        saved_world = torch.load(first, map_location="cpu", weights_only=False)["world_size"]
+        saved_world = torch.load(first, map_location="cpu", weights_only=True)["world_size"]
         tag, ema = TAG, None
         if saved_world != self.info.world_size:
             tag = self._to_universal(directory)
             if self.zero_stage == 3:
                 ema = self._repartition_ema(directory)
         if ema is None:
-            ema = torch.load(directory / self._ema_file(), map_location=self.device, weights_only=False)["ema"]
+            ema = torch.load(directory / self._ema_file(), map_location=self.device, weights_only=True)["ema"]
         load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False), ema
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True), ema
 
     def _to_universal(self, directory: Path) -> str:
         """Convert the checkpoint to DeepSpeed's universal format (once, atomically, by rank 0) and switch
@@ -181,9 +214,7 @@ class DeepSpeedStrategy(Strategy):
 
     def _repartition_ema(self, directory: Path) -> dict[str, torch.Tensor]:
         """This rank's ZeRO-3 EMA partitions for the current world size, from the saved ones."""
-        from bigdit.export import consolidate_zero3_partitions
-
-        full = consolidate_zero3_partitions(directory, {n: p.ds_shape for n, p in self.module.named_parameters()})
+        full = _zero3_full_ema(directory, {n: p.ds_shape for n, p in self.module.named_parameters()})
         out = {}
         for name, p in self.module.named_parameters():
             part = p.ds_tensor.numel()
@@ -191,3 +222,18 @@ class DeepSpeedStrategy(Strategy):
             flat[: full[name].numel()] = full[name].reshape(-1)
             out[name] = flat[self.info.rank * part : (self.info.rank + 1) * part].to(self.device)
         return out
+
+    @classmethod
+    def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
+                    which: str = "ema") -> dict[str, torch.Tensor]:
+        directory = Path(directory)
+        if not (directory / TAG).is_dir():
+            raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/)")
+        if which == "model":
+            # DeepSpeed's own offline merge of the fp32 master weights from the ZeRO partitions (any stage).
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))
+        if (directory / EMA_FILE).is_file():  # ZeRO-1/2: replicated, rank 0's copy is the whole EMA
+            return dict(torch.load(directory / EMA_FILE, map_location="cpu", weights_only=True)["ema"])
+        return _zero3_full_ema(directory, param_shapes)

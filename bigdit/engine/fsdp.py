@@ -2,18 +2,22 @@
 
 Each repeated block the model declares (``model.repeated_blocks()``) becomes its own FSDP unit, then the
 root. Parameters, gradients, optimizer state and the EMA are sharded over the ``shard`` mesh dimension.
-Checkpoints go through torch distributed checkpoint (DCP): every rank writes its own shards, and loading
-reshards to whatever world size the resumed job has.
+Owns its checkpoint format, writing and offline consolidation alike: a torch distributed checkpoint
+(DCP: ``.metadata`` plus one shard file per rank) holding ``model``, ``optimizer`` and ``ema``, and
+``extra.pt`` from rank 0. Every rank writes its own shards; loading reshards to whatever world size the
+resumed job has, and :meth:`FSDP2Strategy.consolidate` reads them back whole in a single process.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -32,12 +36,13 @@ class FSDP2Strategy(Strategy):
     reduced in fp32 unless ``fp32_reduce=False``, and master weights stay fp32.
     """
 
+    name = "fsdp2"
     needs_process_group = True
     shards_grads = shards_optimizer = True
 
     def __init__(self, info, device, precision: str = "fp32", shard_size: int | None = None,
                  reshard_after_forward: bool = True, fp32_reduce: bool = True):
-        super().__init__(info, device)
+        super().__init__(info, device, precision)
         world = info.world_size
         if shard_size is not None and (shard_size < 1 or world % shard_size):
             raise ValueError(f"strategy.shard_size={shard_size} must divide the world size {world}")
@@ -51,6 +56,10 @@ class FSDP2Strategy(Strategy):
             reduce_dtype=torch.float32 if fp32_reduce else None,
         )
         self.reshard_after_forward = reshard_after_forward
+        self.shard_size = shard_size
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "shard_size": self.shard_size}
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, plan=None, grad_clip=None) -> None:
         model = model.to(self.device)
@@ -93,5 +102,22 @@ class FSDP2Strategy(Strategy):
         state = {"model": model_sd, "optimizer": optim_sd, "ema": self._as_dtensors(ema)}
         dcp.load(state, checkpoint_id=directory)  # fills the local shards in place, resharding as needed
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        extra = torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False)
+        extra = torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
         return extra, ema
+
+    @classmethod
+    def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
+                    which: str = "ema") -> dict[str, torch.Tensor]:
+        # The DCP metadata records every saved tensor's full shape: allocate exactly the ``which`` part on
+        # the CPU and let DCP fill it from all ranks' shards, without a process group and without
+        # materialising the optimizer state or a temporary full copy.
+        saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+        prefix = f"{which}."
+        full = {key[len(prefix):]: torch.empty(md.size, dtype=torch.float32) for key, md in saved.items()
+                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+        if not full:
+            raise FileNotFoundError(f"{directory} holds no {which!r} tensors: not an FSDP2 checkpoint")
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load({which: full}, checkpoint_id=directory, no_dist=True)
+        return full

@@ -32,11 +32,16 @@ from bigdit.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    caption_embedder_macs,
     check_context,
+    check_input,
     check_text_form,
+    cross_attention_macs,
     init_text_conditioning,
     modulate,
+    patch_grid,
     sincos_2d,
+    unpatchify,
 )
 
 
@@ -105,8 +110,7 @@ class DiT(nn.Module):
         context_tokens: int = 77,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        grid = patch_grid(input_size, patch_size)
         check_text_form(context_dim, num_classes, "DiT")
         self.input_size = input_size
         self.in_channels = in_channels
@@ -124,9 +128,8 @@ class DiT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         else:
             self.caption_embedder = Mlp(context_dim, hidden_size, out_dim=hidden_size)
-        num_patches = (input_size // patch_size) ** 2
         # A frozen parameter, not a buffer: the official checkpoints store it under this key.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
         text = context_dim is not None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, text) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -169,12 +172,25 @@ class DiT(nn.Module):
         """The blocks a strategy shards, checkpoints or compiles one by one."""
         return list(self.blocks)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, p*p*C) tokens -> (N, C, H, W) images."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+    def forward_flops(self) -> int:
+        """Forward FLOPs of one sample (class- or text-conditional), by the conventions of :mod:`bigdit.flops`."""
+        d, p = self.hidden_size, self.patch_size
+        tokens = (self.input_size // p) ** 2
+        mlp = self.blocks[0].mlp.fc1.out_features if len(self.blocks) else 4 * d
+        freq = self.t_embedder.frequency_embedding_size
+        per_block = tokens * (4 * d * d + 2 * d * mlp) + 2 * tokens * tokens * d + 6 * d * d
+        captions = 0
+        if self.context_dim is not None:
+            per_block += cross_attention_macs(tokens, self.context_tokens, d)
+            captions = caption_embedder_macs(self.context_tokens, self.context_dim, d)
+        macs = (
+            tokens * p * p * self.in_channels * d  # patch embedding
+            + freq * d + d * d  # timestep MLP
+            + captions
+            + len(self.blocks) * per_block
+            + 2 * d * d + tokens * d * p * p * self.out_channels  # final adaLN + linear
+        )
+        return 2 * macs
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
@@ -184,10 +200,7 @@ class DiT(nn.Module):
         ``y``: labels (N,), or CLIP tokens (N, context_tokens, context_dim) in the text form, where
         ``force_drop_ids`` is ignored (the training loop substitutes the empty-prompt embedding).
         """
-        if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"DiT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.input_size, "DiT")
         n = x.shape[0]
         x = self.x_embedder(x) + self.pos_embed
         context = None
@@ -198,7 +211,7 @@ class DiT(nn.Module):
             context = self.caption_embedder(check_context(y, n, self.context_tokens, self.context_dim, "DiT"))
         for block in self.blocks:
             x = block(x, c, context)
-        return self.unpatchify(self.final_layer(x, c))
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)
 
 
 def _size(depth: int, hidden_size: int, num_heads: int, patch_size: int):

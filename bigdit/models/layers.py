@@ -53,18 +53,43 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens with one strided convolution (N, C, H, W) -> (N, T, D)."""
+def check_input(x: torch.Tensor, channels: int, size: int, model: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is a batch of ``channels`` x ``size`` x ``size`` inputs (N, C, H, W).
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, bias: bool = True):
+    Every backbone checks before any work: a wrong latent shape would otherwise surface as a cryptic
+    reshape or position-embedding broadcast error deep inside the network.
+    """
+    if x.shape[-2:] != (size, size) or x.shape[1] != channels:
+        raise ValueError(f"{model} expects input (N, {channels}, {size}, {size}), got {tuple(x.shape)}")
+
+
+def patch_grid(input_size: int, patch_size: int) -> int:
+    """Patches per side of an ``input_size`` grid; ``ValueError`` unless ``patch_size`` divides it."""
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+    return input_size // patch_size
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens with one strided convolution (N, C, H, W) -> (N, T, D).
+
+    The models check the input shape (:func:`check_input`) and the patch grid (:func:`patch_grid`).
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """(N, T, p*p*C) tokens of a square grid -> (N, C, H, W) images (channels last within a patch, as DiT/U-ViT)."""
+    c, p = channels, patch_size
+    h = w = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
 
 class Attention(nn.Module):
@@ -141,6 +166,17 @@ def init_text_conditioning(caption_embedders: list[Mlp], cross_attentions: list[
     for attn in cross_attentions:
         nn.init.zeros_(attn.proj.weight)
         nn.init.zeros_(attn.proj.bias)
+
+
+def cross_attention_macs(queries: int, context: int, width: int) -> int:
+    """Multiply-adds of a :class:`CrossAttention` of ``queries`` tokens to ``context`` tokens at ``width``."""
+    projections = 2 * queries * width * width + 2 * context * width * width  # q and output; k and v
+    return projections + 2 * queries * context * width  # scores and values
+
+
+def caption_embedder_macs(tokens: int, context_dim: int, width: int) -> int:
+    """Multiply-adds of a caption embedder ``Mlp(context_dim, width, out_dim=width)`` over ``tokens`` tokens."""
+    return tokens * (context_dim * width + width * width)
 
 
 def check_text_form(context_dim: int | None, num_classes: int | None, model: str) -> None:

@@ -46,8 +46,11 @@ from bigdit.models.layers import (
     LabelEmbedder,
     Mlp,
     TimestepEmbedder,
+    caption_embedder_macs,
     check_context,
+    check_input,
     check_text_form,
+    cross_attention_macs,
     init_text_conditioning,
 )
 
@@ -92,18 +95,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class TokenDownsampler(nn.Module):
-    """Depthwise convolution with a shortcut, applied before the grid is split into sub-grids.
+    """Depthwise 5x5 convolution with a shortcut, applied before the grid is split into sub-grids.
 
-    Named ``layer`` inside a ``downsampler`` as in the official checkpoints.
+    Named ``layer`` inside a ``downsampler`` as in the official checkpoints. Upstream makes kernel and
+    shortcut configurable; this is the one form the U-DiT sizes here build.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 5, shortcut: bool = True):
+    def __init__(self, dim: int):
         super().__init__()
-        self.shortcut = shortcut
-        self.layer = nn.Conv2d(dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim)
+        self.layer = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) + x if self.shortcut else self.layer(x)
+        return self.layer(x) + x
 
 
 class DownsampledAttention(nn.Module):
@@ -115,7 +118,7 @@ class DownsampledAttention(nn.Module):
     temperature into q and call ``scaled_dot_product_attention`` with ``scale=1``.
     """
 
-    def __init__(self, dim: int, num_heads: int, down_factor: int = 2, kernel_size: int = 5, shortcut: bool = True):
+    def __init__(self, dim: int, num_heads: int, down_factor: int = 2):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -124,7 +127,13 @@ class DownsampledAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, dim * 3, bias=True)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.downsampler = TokenDownsampler(dim, kernel_size, shortcut)
+        self.downsampler = TokenDownsampler(dim)
+
+    def macs(self, side: int) -> int:
+        """Multiply-adds on a ``side`` x ``side`` map: downsampler, qkv, attention in each sub-grid, output 1x1."""
+        tokens, width, f = side * side, self.to_qkv.in_features, self.down_factor
+        kernel = self.downsampler.layer.kernel_size[0] ** 2
+        return tokens * width * (kernel + 3 * width + width) + 2 * tokens * tokens * width // (f * f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, d, big_h, big_w = x.shape
@@ -162,6 +171,11 @@ class RepFFN(nn.Module):
             [nn.Conv2d(hidden, hidden, k, padding=k // 2, groups=hidden) for k in (5, 3, 1)]
         )
         self.project_out = nn.Sequential(nn.Conv2d(hidden, hidden // 2, 1), nn.Conv2d(hidden // 2, dim, 1))
+
+    def macs(self, tokens: int) -> int:
+        """Multiply-adds over ``tokens`` pixels: 1x1 pairs in and out, depthwise 5x5 + 3x3 + 1x1 in parallel."""
+        h, dim = self.hidden, self.project_in[0].in_channels
+        return tokens * (dim * h // 2 + h // 2 * h + h * (25 + 9 + 1) + h * h // 2 + h // 2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.project_in(x))
@@ -210,6 +224,11 @@ class DeployFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden)
         self.project_out = nn.Conv2d(hidden, dim, 1)
 
+    def macs(self, tokens: int) -> int:
+        """Multiply-adds over ``tokens`` pixels: 1x1 in, depthwise 5x5, 1x1 out."""
+        h, dim = self.hidden, self.project_in.in_channels
+        return tokens * (dim * h + 25 * h + h * dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project_out(self.dwconv(F.gelu(self.project_in(x))))
 
@@ -243,6 +262,21 @@ class UDiTBlock(nn.Module):
         self.cross_attn1 = CrossAttention(dim, num_heads) if cross_attention else None
         self.norm_cross2 = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
         self.cross_attn2 = CrossAttention(dim, num_heads) if cross_attention else None
+
+    def macs(self, side: int, context: int) -> int:
+        """Multiply-adds on a ``side`` x ``side`` map; ``context``: caption tokens the text form attends to.
+
+        The FFNs count themselves, so the training (:class:`RepFFN`) and merged (:class:`DeployFFN`) forms
+        each cost what they compute.
+        """
+        tokens, width = side * side, self.attn1.to_qkv.in_features
+        macs = 0
+        subs = ((self.attn1, self.cross_attn1, self.mlp1), (self.attn2, self.cross_attn2, self.mlp2))
+        for attn, cross, ffn in subs:
+            macs += 6 * width * width + attn.macs(side) + ffn.macs(tokens)  # adaLN modulation is per sample
+            if cross is not None:
+                macs += cross_attention_macs(tokens, context, width)
+        return macs
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         subs = (
@@ -441,6 +475,28 @@ class UDiT(nn.Module):
         out.rep = False
         return out
 
+    def forward_flops(self) -> int:
+        """Forward FLOPs of one sample (training or deploy form, class- or text-conditional).
+
+        By the conventions of :mod:`bigdit.flops`.
+        """
+        c, size, freq = self.hidden_size, self.input_size, self.t_embedder_1.frequency_embedding_size
+        levels = [  # (blocks, grid side)
+            (self.encoder_level_1, size), (self.encoder_level_2, size // 2), (self.latent, size // 4),
+            (self.decoder_level_2, size // 2), (self.decoder_level_1, size),
+        ]
+        macs = size * size * self.in_channels * c * 9  # 3x3 patch embedding
+        macs += sum(freq * w + w * w for w in (c, 2 * c, 4 * c))  # three timestep MLPs
+        if self.context_dim is not None:
+            macs += sum(caption_embedder_macs(self.context_tokens, self.context_dim, w) for w in (c, 2 * c, 4 * c))
+        macs += sum(b.macs(side, self.context_tokens) for blocks, side in levels for b in blocks)
+        macs += size * size * c * (c // 2) * 9 + (size // 2) ** 2 * 2 * c * c * 9  # downsample convs
+        macs += (size // 4) ** 2 * 4 * c * 8 * c * 9 + (size // 2) ** 2 * 2 * c * 4 * c * 9  # upsample convs
+        macs += (size // 2) ** 2 * 4 * c * 2 * c + size * size * 2 * c * 2 * c  # channel reductions after skips
+        macs += size * size * 2 * c * 2 * c * 9  # output 3x3 conv
+        macs += 2 * c * 4 * c + size * size * 2 * c * self.out_channels * 9  # final adaLN + 3x3 projection
+        return 2 * macs
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -449,11 +505,7 @@ class UDiT(nn.Module):
         ``y``: labels (N,), or CLIP tokens (N, context_tokens, context_dim) in the text form, where
         ``force_drop_ids`` is ignored (the training loop substitutes the empty-prompt embedding).
         """
-        if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"U-DiT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
-                f"got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.input_size, "U-DiT")
         if self.context_dim is None:
             # Drop labels once for all three levels (upstream draws a separate mask per level, so a sample
             # could be conditional at one width and unconditional at another).
@@ -485,11 +537,6 @@ class UDiT(nn.Module):
         for blk in self.decoder_level_1:
             h = blk(h, c2, ctx2)
         return self.final_layer(self.output(h), c2)
-
-
-def deploy(model: UDiT) -> UDiT:
-    """Functional form of :meth:`UDiT.deploy`: a new merged model, ``model`` untouched."""
-    return model.deploy()
 
 
 def _size(hidden_size: int, num_heads: int):

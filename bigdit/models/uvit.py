@@ -16,7 +16,7 @@ predicts epsilon only (``learn_sigma`` is False); an optional 3x3 conv follows t
 Text-to-image: pass ``context_dim`` (CLIP width, 768) and ``num_classes=0``, e.g.
 ``build_model("U-ViT-S/2", context_dim=768, context_tokens=77, num_classes=0)``; ``forward``'s ``y`` is then
 the CLIP token embeddings (N, context_tokens, context_dim) and ``force_drop_ids`` is ignored (caption
-dropout happens in the data pipeline, as upstream).
+dropout happens outside the model, as upstream: the training loop swaps in the cached empty-prompt embedding).
 """
 
 from __future__ import annotations
@@ -26,7 +26,17 @@ from functools import partial
 import torch
 from torch import nn
 
-from bigdit.models.layers import Attention, Mlp, PatchEmbed, check_context, check_text_form, timestep_embedding
+from bigdit.models.layers import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    check_context,
+    check_input,
+    check_text_form,
+    patch_grid,
+    timestep_embedding,
+    unpatchify,
+)
 
 
 class UViTBlock(nn.Module):
@@ -80,8 +90,7 @@ class UViT(nn.Module):
         super().__init__()
         if learn_sigma:
             raise ValueError("U-ViT predicts epsilon only; learn_sigma=True is not supported")
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        grid = patch_grid(input_size, patch_size)
         num_classes = num_classes or 0
         check_text_form(context_dim, num_classes, "U-ViT")
         self.input_size = input_size
@@ -109,9 +118,8 @@ class UViT(nn.Module):
             self.extras = 2  # [label | time | patches]
         else:
             self.extras = 1  # [time | patches]
-        num_patches = (input_size // patch_size) ** 2
         # Learned (and trained) positions over all tokens, extras included.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + grid * grid, hidden_size))
         block = partial(UViTBlock, hidden_size, num_heads, mlp_ratio, qkv_bias)
         self.in_blocks = nn.ModuleList([block() for _ in range(depth // 2)])
         self.mid_block = block()
@@ -140,12 +148,28 @@ class UViT(nn.Module):
         """The blocks a strategy shards, checkpoints or compiles one by one."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, p*p*C) tokens -> (N, C, H, W) images (channels last within a patch, as upstream)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+    def forward_flops(self) -> int:
+        """Forward FLOPs of one sample, by the conventions of :mod:`bigdit.flops`.
+
+        The time/label/context tokens attend with the patches, so they count in every block.
+        """
+        d, p, c = self.hidden_size, self.patch_size, self.in_channels
+        patches = (self.input_size // p) ** 2
+        tokens = self.extras + patches
+        blocks = self.repeated_blocks()
+        mlp = blocks[0].mlp.fc1.out_features
+        per_block = tokens * (4 * d * d + 2 * d * mlp) + 2 * tokens * tokens * d
+        skips = sum(1 for b in blocks if b.skip_linear is not None)
+        macs = (
+            patches * p * p * c * d  # patch embedding
+            + (8 * d * d if isinstance(self.time_embed, nn.Sequential) else 0)  # optional time MLP (D -> 4D -> D)
+            + self.context_tokens * (self.context_dim or 0) * d  # CLIP token projection
+            + len(blocks) * per_block
+            + skips * tokens * 2 * d * d  # long-skip fusion (concat -> linear)
+            + tokens * d * p * p * c  # decoder_pred runs on every token before the extras are dropped
+            + (self.input_size**2 * c * c * 9 if isinstance(self.final_layer, nn.Conv2d) else 0)
+        )
+        return 2 * macs
 
     def forward(
         self,
@@ -155,11 +179,7 @@ class UViT(nn.Module):
         force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict epsilon for ``x`` at timesteps ``t`` given labels or CLIP tokens ``y``."""
-        if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"U-ViT expects input (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
-                f"got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.input_size, "U-ViT")
         tokens = self.patch_embed(x)
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(tokens.dtype)).unsqueeze(1)
         if self.context_dim is not None:
@@ -184,7 +204,7 @@ class UViT(nn.Module):
         for blk in self.out_blocks:
             h = blk(h, skips.pop())  # deepest in-block feeds the first out-block
         h = self.decoder_pred(self.norm(h))[:, self.extras :]
-        return self.final_layer(self.unpatchify(h))
+        return self.final_layer(unpatchify(h, self.patch_size, self.out_channels))
 
 
 def _size(hidden_size: int, depth: int, num_heads: int, patch_size: int, **defaults):
