@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,23 +14,41 @@ from bigdit.diffusion import Schedule, guided_model_fn, sample
 from bigdit.export import consolidated_weights
 from bigdit.models import build_model
 
+PRECISIONS = ("fp32", "bf16")
 
-def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema") -> tuple[torch.nn.Module, DictConfig]:
-    """The model of a training run (EMA weights by default) and the run's resolved config."""
+
+def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint directory of a run: ``step``'s, or the latest one; FileNotFoundError naming those there."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a bigdit run directory (run.dir of bigdit-train)?")
-    cfg = OmegaConf.load(cfg_path)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a bigdit run directory (run.dir of "
+                                f"bigdit-train)?")
     root = run_dir / "checkpoints"
     ckpt_dir = latest_checkpoint(root) if step is None else root / step_tag(step)
     if ckpt_dir is None or not ckpt_dir.is_dir():
         have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
-        raise FileNotFoundError(f"no checkpoint {'latest' if step is None else step_tag(step)} in {root}; available: {have}")
+        which = "latest" if step is None else step_tag(step)
+        raise FileNotFoundError(f"no checkpoint {which} in {root}; available: {have}")
+    return ckpt_dir
+
+
+def load_run(run_dir: str | Path, step: int | None = None, weights: str = "ema") -> tuple[torch.nn.Module, DictConfig]:
+    """The model of a training run (EMA weights by default) and the run's resolved config."""
+    ckpt_dir = checkpoint_dir(run_dir, step)
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     model = build_model(**cfg.model)
-    # Any strategy's checkpoint (DDP, FSDP2 shards, DeepSpeed ZeRO partitions), consolidated in this process.
+    # Any strategy's checkpoint (DDP, FSDP2 shards, DeepSpeed ZeRO partitions), consolidated in this process
+    # by the strategy that wrote it.
     model.load_state_dict(consolidated_weights(ckpt_dir, cfg.model, weights), strict=True)
     return model.eval(), cfg
+
+
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by ``(seed, sample index)``: sample ``i``'s initial and per-step noise
+    are the same whichever batch, rank or process draws it."""
+    from bigdit.batching import stream_seed
+
+    return [torch.Generator().manual_seed(stream_seed(seed, int(i))) for i in indices]
 
 
 @torch.no_grad()
@@ -45,7 +65,9 @@ def generate(
     eta: float = 0.0,
     clip_denoised: bool = False,
     seed: int = 0,
+    indices: torch.Tensor | None = None,
     batch_size: int = 256,
+    precision: str = "fp32",
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
@@ -55,30 +77,47 @@ def generate(
     CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D).
 
     ``clip_denoised`` clamps each predicted x0 to [-1, 1] (what ADM does in pixel space; latents are
-    left unclipped). Each batch uses its own generator seeded by ``(seed, batch index)`` so a sample
-    does not change when other batches are added.
+    left unclipped). Sample ``k`` draws all its noise (``x_T`` and DDPM's per-step noise) from its own generator
+    seeded by ``(seed, indices[k])`` (``indices`` default: ``0..N-1``), so it does not change with the batch size,
+    the other samples of its batch or the process that draws it (up to the rounding of batched matmuls, which
+    differs between batch sizes; at the same batch size it is bit-identical). ``precision="bf16"`` runs the
+    network under bf16 autocast; the sampler's arithmetic stays fp32.
     """
-    from bigdit.batching import stream_seed
-
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
     model = model.to(device).eval()
     shape = (model.in_channels, model.input_size, model.input_size)
-    outs = []
     if getattr(model, "context_dim", None) is not None and null is None:
         raise ValueError("a text-to-image model samples with null= the empty-prompt embedding (T, D)")
     null = model.num_classes if null is None else null.to(device)
-    for i, y in enumerate(cond.split(batch_size)):
+    indices = torch.arange(len(cond)) if indices is None else torch.as_tensor(indices)
+    if len(indices) != len(cond):
+        raise ValueError(f"{len(indices)} sample indices for {len(cond)} conditions")
+    net = model
+    if precision == "bf16":
+
+        def net(*args, **kwargs):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(*args, **kwargs).float()
+
+    outs = []
+    for y, idx in zip(cond.split(batch_size), indices.split(batch_size)):
         y = y.to(device)
-        fn = guided_model_fn(model, y, cfg_scale, null, guidance, in_channels=model.in_channels)
-        g = torch.Generator().manual_seed(stream_seed(seed, i))
+        fn = guided_model_fn(net, y, cfg_scale, null, guidance, in_channels=model.in_channels)
         outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
-                           learn_sigma=model.learn_sigma, generator=g, eta=eta, clip_denoised=clip_denoised,
-                           device=device, progress=progress).cpu())
+                           learn_sigma=model.learn_sigma, generator=sample_generators(seed, idx.tolist()), eta=eta,
+                           clip_denoised=clip_denoised, device=device, progress=progress).cpu())
     return torch.cat(outs)
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """Model-space images in [-1, 1] (N, C, H, W) -> uint8 NHWC, as ADM's evaluation ``.npz`` stores them."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Model-space images in [-1, 1] (N, C, H, W) -> uint8 NHWC, as ADM's evaluation ``.npz`` stores them.
+
+    The quantisation of DiT's ``sample_ddp.py``: ``clamp(127.5 * x + 128, 0, 255)`` truncated to uint8, i.e.
+    ``(x + 1) * 127.5`` rounded half up (ADM's ``sample.py`` truncates ``(x + 1) * 127.5``, half a level lower).
+    """
+    return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def save_grid(images: np.ndarray, rows: int, path: str | Path, min_side: int = 32) -> Path:
@@ -101,8 +140,10 @@ def save_grid(images: np.ndarray, rows: int, path: str | Path, min_side: int = 3
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> this process's CUDA device (``cuda:$LOCAL_RANK``, one GPU per torchrun/SLURM task) when CUDA is
+    available, else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
-

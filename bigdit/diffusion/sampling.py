@@ -7,7 +7,10 @@ of shape ``[N]`` holding *training* timesteps (for a respaced schedule the sampl
 
 All randomness (initial noise and per-step noise) is drawn from the given ``torch.Generator`` on that
 generator's device (CPU unless the caller passes another) and then moved to the sampling device, so a
-seed reproduces the same samples on any device.
+seed reproduces the same samples on any device. ``generator`` may also be a sequence of generators, one per
+sample (row ``k`` of every draw comes from ``generator[k]``): then sample ``k``'s noise, initial and per-step,
+does not depend on which other samples share its batch, nor on the batch size (what tools/sample.py's
+distributed FID sampling relies on). A batch of one with ``[g]`` draws exactly what ``g`` alone draws.
 """
 
 from __future__ import annotations
@@ -100,8 +103,19 @@ def dit_cfg_scale(scale: float, convention: str = "dit") -> float:
     return float(scale) + (1.0 if convention == "uvit" else 0.0)
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+#: one generator for the whole batch, or one per sample (row)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _randn(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``; with one generator per
+    sample, row ``k`` is drawn from ``generator[k]`` alone."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        gens = list(generator)
+        if len(gens) != shape[0]:
+            raise ValueError(f"{len(gens)} generators for a batch of {shape[0]}: give one per sample")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens]
+        return torch.stack(rows).to(device)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
@@ -109,7 +123,7 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
 def _initial_noise(
     shape: Sequence[int],
     noise: torch.Tensor | None,
-    generator: torch.Generator | None,
+    generator: Generators,
     device: torch.device | str | None,
 ) -> torch.Tensor:
     """``x_T``: the given ``noise`` (moved to ``device`` if one is given) or fresh noise from ``generator``."""
@@ -135,7 +149,7 @@ def ddpm_sample(
     s: Schedule,
     shape: Sequence[int],
     learn_sigma: bool,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
     clip_denoised: bool = False,
     device: torch.device | str | None = None,
@@ -166,7 +180,7 @@ def ddim_sample(
     shape: Sequence[int],
     learn_sigma: bool,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
     clip_denoised: bool = False,
     device: torch.device | str | None = None,
@@ -203,7 +217,7 @@ def dpm_solver_sample(
     shape: Sequence[int],
     steps: int = 50,
     order: int = 2,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -248,7 +262,7 @@ def sample(
     train_schedule: Schedule | np.ndarray,
     shape: Sequence[int],
     learn_sigma: bool,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
     clip_denoised: bool = False,
