@@ -6,6 +6,9 @@ sharding strategies), so it never needs the full model gathered to be updated.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -25,6 +28,37 @@ class EMA:
         """One EMA step towards ``tensors`` (same order as at construction)."""
         values = [t.detach().float() for t in tensors]
         torch._foreach_lerp_(self.shadow, values, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_into(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        """Within the block the live ``tensors`` (same order as at construction: the strategy's own shards,
+        which its forward uses) hold the EMA weights; afterwards they hold exactly what they held before.
+
+        Same-dtype tensors (fp32 weights, the default) are swapped with the shadows one tensor at a time, so
+        no copy of the model is made; bf16 compute weights keep a bf16 backup instead (a swap through bf16 would
+        round the fp32 EMA). Exact both ways: evaluation never changes the training trajectory.
+        """
+        backups = []
+        for t, e in zip(tensors, self.shadow):
+            if t.dtype == e.dtype:
+                tmp = t.clone()
+                t.copy_(e)
+                e.copy_(tmp)
+                backups.append(None)
+            else:
+                backups.append(t.clone())
+                t.copy_(e)
+        try:
+            yield
+        finally:
+            for t, e, backup in zip(tensors, self.shadow, backups):
+                if backup is None:
+                    tmp = t.clone()
+                    t.copy_(e)
+                    e.copy_(tmp)
+                else:
+                    t.copy_(backup)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))

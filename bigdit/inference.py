@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bigdit.checkpoint import latest_checkpoint, step_tag
+from bigdit.codec import LatentCodec
 from bigdit.diffusion import Schedule, guided_model_fn, sample
 from bigdit.export import consolidated_weights
 from bigdit.models import build_model
@@ -94,12 +95,11 @@ def generate(
     indices = torch.arange(len(cond)) if indices is None else torch.as_tensor(indices)
     if len(indices) != len(cond):
         raise ValueError(f"{len(indices)} sample indices for {len(cond)} conditions")
-    net = model
-    if precision == "bf16":
+    def bf16_net(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(*args, **kwargs).float()
 
-        def net(*args, **kwargs):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return model(*args, **kwargs).float()
+    net = bf16_net if precision == "bf16" else model
 
     outs = []
     for y, idx in zip(cond.split(batch_size), indices.split(batch_size)):
@@ -109,6 +109,24 @@ def generate(
                            learn_sigma=model.learn_sigma, generator=sample_generators(seed, idx.tolist()), eta=eta,
                            clip_denoised=clip_denoised, device=device, progress=progress).cpu())
     return torch.cat(outs)
+
+
+def image_decoder(vae_id: str | None, codec: LatentCodec, device: torch.device, channels: int):
+    """Model outputs -> images in [-1, 1]: pixels (``vae_id`` None) as they are, latents through the diffusers
+    ``AutoencoderKL`` ``vae_id`` (hub id or local dir, loaded once) after ``codec``'s inverse scaling."""
+    if vae_id is None:
+        if channels not in (1, 3):
+            raise ValueError(f"the model makes {channels}-channel latents: pass vae=<AutoencoderKL hub id or dir>")
+        return lambda x: x
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval()
+
+    @torch.no_grad()
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vae.decode(codec.to_vae(z.to(device))).sample.float().cpu() for z in x.split(32)])
+
+    return decode
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:

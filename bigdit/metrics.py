@@ -42,6 +42,10 @@ class MetricsWindow:
         self.sums[1] += grad_norm
         self.sums[2] += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. an evaluation) out of the window's wall time."""
+        self.start += seconds
+
     def read(self, bad_samples: int) -> dict[str, float]:
         """Means over the window (``loss``, ``grad_norm``), its ``steps`` and wall time ``seconds``, and the run's
         ``bad_samples`` over all ranks; then start a new window. Collective."""
@@ -95,19 +99,27 @@ def print_status(line: str) -> None:
 
 
 def plot_loss(metrics_path: Path, out_path: Path) -> Path:
-    """Plot loss against step from metrics.jsonl into a PNG."""
+    """Plot loss against step from metrics.jsonl into a PNG, with the FID curve beside it when the run evaluated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    evaluated = [r for r in records if "fid" in r]
+    fig, axes = plt.subplots(1, 2 if evaluated else 1, figsize=(11 if evaluated else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0, 0]
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if evaluated:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in evaluated], [r["fid"] for r in evaluated], "o-", lw=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("FID (EMA)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)

@@ -31,6 +31,7 @@ from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
 from bigdit.engine.blocks import apply_block_options
+from bigdit.evaluation.during_training import TrainingEvaluation
 from bigdit.metrics import MetricsLog, MetricsWindow, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.flops import train_flops_per_sample
@@ -236,6 +237,7 @@ def train(cfg: DictConfig) -> None:
     window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
+    evaluation = TrainingEvaluation(cfg, strategy, s.ema, s.schedule) if cfg.eval.every or cfg.eval.grid_every else None
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 
@@ -244,8 +246,10 @@ def train(cfg: DictConfig) -> None:
         window.add(loss, grad_norm)
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         profiler.step()
+        evaluated = evaluation(s.step, run.dir) if evaluation and evaluation.due(s.step) else {}
+        window.exclude(evaluated.get("eval_s", 0.0))  # throughput counts training only
         if s.step % run.log_every == 0 or s.step == run.steps:
-            record = log_record(s, window.read(s.data.bad_samples), lr, flops_per_img, peak_tflops)
+            record = log_record(s, window.read(s.data.bad_samples), lr, flops_per_img, peak_tflops) | evaluated
             if log is not None:
                 log.write(record)
                 trackers.log(record)

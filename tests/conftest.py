@@ -98,3 +98,27 @@ def caption_tars(tmp_path_factory) -> Path:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return root
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception with random weights (He-initialised convolutions, so that features neither
+    vanish nor explode through the 94 layers), saved as a state dict file: the tests load it through the
+    same path as the real weights-inception-2015-12-05-6726825d.pth."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from bigdit.evaluation.inception import WEIGHTS_NAME
+
+    class Random(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    d = tmp_path_factory.mktemp("inception")
+    torch.save({}, d / "empty.pth")
+    torch.manual_seed(0)
+    net = Random("random", ["2048"], feature_extractor_weights_path=str(d / "empty.pth"))
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), d / WEIGHTS_NAME)
+    return d / WEIGHTS_NAME

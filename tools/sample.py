@@ -52,7 +52,8 @@ from bigdit.data.schema import Manifest
 from bigdit.data.shard_dataset import empty_prompt_context
 from bigdit.diffusion import CFG_CONVENTIONS, GUIDANCE_MODES, SAMPLERS, dit_cfg_scale, make_schedule, space_timesteps
 from bigdit.fsio import atomic_path, write_json_atomic
-from bigdit.inference import PRECISIONS, checkpoint_dir, generate, load_run, resolve_device, save_grid, to_uint8_images
+from bigdit.inference import (PRECISIONS, checkpoint_dir, generate, image_decoder, load_run, resolve_device, save_grid,
+                              to_uint8_images)
 from bigdit.launch import run_or_submit, work_slice
 from bigdit.models import build_model, load_weights
 
@@ -168,21 +169,9 @@ def make_decoder(cfg: DictConfig, manifest: Manifest | None, device: torch.devic
     """Model outputs -> images in [-1, 1]: pixels as they are, latents through the VAE decoder (by default the VAE
     and latent scaling the training shards were encoded with), loaded once."""
     vae_id = cfg.vae or (manifest.vae if manifest is not None and manifest.vae != "none" else None)
-    if vae_id is None:
-        if channels not in (1, 3):
-            raise ValueError(f"the model makes {channels}-channel latents: pass vae=<AutoencoderKL hub id or dir>")
-        return lambda x: x
-    from diffusers import AutoencoderKL
-
     from_shards = cfg.vae_scale is None and manifest is not None and manifest.vae != "none"
     codec = manifest.codec() if from_shards else LatentCodec(cfg.vae_scale or 0.18215)
-    vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval()
-
-    @torch.no_grad()
-    def decode(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([vae.decode(codec.to_vae(z.to(device))).sample.float().cpu() for z in x.split(32)])
-
-    return decode
+    return image_decoder(vae_id, codec, device, channels)
 
 
 # ---------------------------------------------------------------------------------------------- the sample plan
