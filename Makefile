@@ -40,7 +40,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The fast tier for quick iteration (under 3 minutes here): every test not marked `slow`, i.e. none that
-# launches processes (torchrun ranks, tools as subprocesses) or SLURM jobs. `make test` runs both tiers.
+# launches processes (torchrun ranks, tools as subprocesses) or SLURM jobs or runs over ~10 s. `make test` runs both.
 test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 

@@ -270,6 +270,7 @@ def test_precision_recall_match_a_brute_force_manifold_in_any_blocks():
 # ------------------------------------------------------------------------------------------ the network
 
 
+@pytest.mark.slow
 def test_inception_features_are_torch_fidelitys_with_mixed_6d_branch1x1_as_mixed_6_conv(inception, inception_weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -396,6 +397,7 @@ def test_make_ref_refuses_inputs_it_cannot_use(tmp_path):
 # ------------------------------------------------------------------------------------------ the tool
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_with_fd_dinov2_and_clip_score(batches, tool_result, features, tiny_clip):
     res = tool_result
     assert json.loads((batches["samples"].parent / "eval-ref.json").read_text()) == res
@@ -472,6 +474,7 @@ def test_statistics_stored_in_a_batch_are_used_as_adm_uses_them(tmp_path):
     assert part["fid"] == pytest.approx(frechet_distance(*s.moments["pool"], *file_stats))
 
 
+@pytest.mark.slow
 def test_make_ref_writes_an_adm_reference_from_a_folder_or_pixel_shards(tmp_path, inception_weights, inception):
     from PIL import Image
 
@@ -513,6 +516,7 @@ def test_make_ref_writes_an_adm_reference_from_a_folder_or_pixel_shards(tmp_path
         np.testing.assert_allclose(shards.stats[name][1], batch.stats[name][1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_fid_evaluator_and_feature_fd_match_the_tool(tmp_path, batches, tool_result, features, inception):
     from bigdit.evaluation.evaluator import FeatureFD, FIDEvaluator
 

@@ -154,6 +154,7 @@ def pipeline_images(pipe, labels: list[int], steps: int, scale: float):
     return decoder_input[0], torch.from_numpy(out.images) * 2 - 1
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_samples_as_our_sampler(latent_run, tiny_vae, tmp_path):
     from diffusers import DiTPipeline
 

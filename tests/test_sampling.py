@@ -176,6 +176,7 @@ def test_ranks_in_turn_write_the_same_bytes_as_one(ckpt, tmp_path):
         assert (tmp_path / "three" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_another_batch_size_gives_the_same_samples_up_to_rounding(ckpt, tmp_path):
     sample_set(ckpt, tmp_path / "b8")
     sample_set(ckpt, tmp_path / "b5", "batch_size=5")
@@ -185,6 +186,7 @@ def test_another_batch_size_gives_the_same_samples_up_to_rounding(ckpt, tmp_path
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_resume_samples_only_missing_chunks(ckpt, tmp_path):
     sample_set(ckpt, tmp_path)
     first = (tmp_path / "samples.npz").read_bytes()

@@ -185,6 +185,7 @@ def test_parameter_count_formula(name):
         assert _numel(text) - _numel(text.deploy()) == _numel(cls) - _numel(cls.deploy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_activation_checkpointing_gives_identical_outputs_and_grads(name):
     plain = _randomise(_tiny(name))
@@ -203,6 +204,7 @@ def test_activation_checkpointing_gives_identical_outputs_and_grads(name):
     assert len(plain.repeated_blocks()) == (2 if name.startswith("DiT") else 6)
 
 
+@pytest.mark.slow
 def test_udit_text_deploy_equals_training_form_and_leaves_it_untouched():
     model = _randomise(_tiny("U-DiT-S")).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -57,6 +57,7 @@ def test_presets_compose(experiment):
         assert cfg.run.dir == "runs/demo"
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_run_dir_contents(tmp_path):
     train(make_cfg(tmp_path, "run.steps=40", "optim.lr=2e-3"))
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -117,6 +118,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     train(make_cfg(tmp_path / "full", "run.steps=3"))
     train(make_cfg(tmp_path / "accum", "run.steps=3", "run.micro_batch=4"))

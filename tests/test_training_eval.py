@@ -46,6 +46,7 @@ def weights(run_dir):
     return {which: consolidated_weights(ckpt, model_cfg, which) for which in ("ema", "model")}
 
 
+@pytest.mark.slow
 def test_evaluation_logs_fid_and_grids_and_never_changes_the_weights(tmp_path, digits_ref, inception_weights):
     evaluation = ["eval=fid", "eval.every=2", "eval.num_samples=3", "eval.batch_size=2", "eval.steps=2",
                   f"eval.ref={digits_ref}", f"eval.inception_weights={inception_weights}", "eval.fid_method=eigh",

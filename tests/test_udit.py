@@ -65,6 +65,7 @@ def test_registry_and_attributes():
     assert len(model.repeated_blocks()) == 2 + 5 + 8 + 5 + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SIZES)
 def test_forward_backward_every_size(name):
     # Each size's head count and level structure at width 8 per head, one block per level, 16x16 input.
