@@ -184,19 +184,21 @@ def test_sample_tool_writes_grid_and_adm_npz(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_runs_the_whole_job(tmp_path):
-    """`make demo`'s wiring (2-process training, sampling, scoring) on a few steps."""
+    """`make demo`'s wiring (2-process training, 2-rank sampling, scoring on both axes) on a few steps."""
     demo_dir = tmp_path / "demo"
     proc = subprocess.run(
         ["make", "--no-print-directory", "demo", f"DEMO_DIR={demo_dir}", f"DEMO_DATA={tmp_path / 'shards'}",
          "DEMO_ARGS=run.steps=3 model.depth=1 model.hidden_size=32 model.num_heads=2",
-         "SAMPLE_ARGS=per_class=2 steps=4"],
+         "SAMPLE_ARGS=num_samples=20 labels=balanced batch_size=10 steps=4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("digits accuracy: ")
+    assert proc.stdout.strip().splitlines()[-2].startswith("digits FD: ")
     for name in ("samples/grid.png", "samples/samples.npz", "metrics.jsonl", "loss.png", "eval.json"):
         assert (demo_dir / name).is_file(), name
-    assert json.loads((demo_dir / "eval.json").read_text())["samples"] == 20
+    scores = json.loads((demo_dir / "eval.json").read_text())
+    assert scores["samples"] == 20 and scores["digits_fd"] > 0 and 0 < scores["digits_fd_real_vs_real"] < 1
     assert (tmp_path / "shards" / "manifest.json").is_file()  # trained from the encoded shards
 
 
