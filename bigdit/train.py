@@ -237,7 +237,8 @@ def train(cfg: DictConfig) -> None:
     window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
-    evaluation = TrainingEvaluation(cfg, strategy, s.ema, s.schedule) if cfg.eval.every or cfg.eval.grid_every else None
+    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.schedule, on_grid=trackers.log_image)
+                  if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 

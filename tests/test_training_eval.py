@@ -50,7 +50,7 @@ def weights(run_dir):
 def test_evaluation_logs_fid_and_grids_and_never_changes_the_weights(tmp_path, digits_ref, inception_weights):
     evaluation = ["eval=fid", "eval.every=2", "eval.num_samples=3", "eval.batch_size=2", "eval.steps=2",
                   f"eval.ref={digits_ref}", f"eval.inception_weights={inception_weights}", "eval.fid_method=eigh",
-                  "eval.grid_every=4", "eval.grid_classes=2", "eval.grid_per_class=1"]
+                  "eval.grid_every=4", "eval.grid_classes=2", "eval.grid_per_class=1", "run.loggers=[jsonl,tensorboard]"]
     with_eval = run(tmp_path / "eval", "run.steps=2", *evaluation)
     with_eval = run(tmp_path / "eval", "run.steps=4", *evaluation)  # resumed at step 2: one record per step
     without = run(tmp_path / "plain", "run.steps=4")
@@ -61,6 +61,12 @@ def test_evaluation_logs_fid_and_grids_and_never_changes_the_weights(tmp_path, d
     assert [r["loss"] for r in with_eval] == [r["loss"] for r in without]
     assert (tmp_path / "eval" / "samples" / "step-4.png").is_file()
     assert not (tmp_path / "eval" / "samples" / "step-2.png").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "eval" / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"samples", "loss_plot"} <= set(events.Tags()["images"])  # the grid and the loss + FID plot
+    assert [e.step for e in events.Scalars("fid")] == [2, 4]
     a, b = weights(tmp_path / "eval"), weights(tmp_path / "plain")
     for which in a:
         assert a[which].keys() == b[which].keys()

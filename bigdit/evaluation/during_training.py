@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from bigdit.data.schema import Manifest
 from bigdit.diffusion import Schedule, dit_cfg_scale
@@ -45,8 +46,10 @@ class TrainingEvaluation:
     """The ``eval`` group's evaluations of a training run; built by the loop before any step (it loads the
     Inception network and the reference batch first, so a bad ``eval.ref`` fails before compute)."""
 
-    def __init__(self, cfg: DictConfig, strategy: Strategy, ema: EMA, schedule: Schedule):
+    def __init__(self, cfg: DictConfig, strategy: Strategy, ema: EMA, schedule: Schedule,
+                 on_grid: Callable[[str, np.ndarray, int], None] | None = None):
         e = cfg.eval
+        self.on_grid = on_grid  # e.g. the trackers' log_image, called on the main rank with each grid
         self.cfg, self.strategy, self.ema, self.schedule = e, strategy, ema, schedule
         self.every, self.grid_every = int(e.every or 0), int(e.grid_every or 0)
         if self.every and self.every % cfg.run.log_every:
@@ -79,7 +82,7 @@ class TrainingEvaluation:
             if self.every and step % self.every == 0:
                 out.update(self._fid())
             if self.grid_every and step % self.grid_every == 0:
-                self._grid(Path(run_dir) / "samples" / f"step-{step}.png")
+                self._grid(Path(run_dir) / "samples" / f"step-{step}.png", step)
         out["eval_s"] = time.perf_counter() - start
         return out
 
@@ -108,7 +111,7 @@ class TrainingEvaluation:
         self.fid.reset()
         return {k: float(v) for k, v in metrics.items() if k != "num_samples"}
 
-    def _grid(self, path: Path) -> None:
+    def _grid(self, path: Path, step: int) -> None:
         """``eval.grid_per_class`` samples of the first ``eval.grid_classes`` classes, one row per class."""
         rows, per = max(min(int(self.cfg.grid_classes), self.num_classes), 1), int(self.cfg.grid_per_class)
         indices = torch.arange(rows * per)
@@ -116,3 +119,5 @@ class TrainingEvaluation:
         if self.strategy.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_grid(images, rows, path)
+            if self.on_grid is not None:
+                self.on_grid("samples", np.asarray(Image.open(path).convert("RGB")), step)
