@@ -80,3 +80,22 @@ def test_bad_evaluation_settings_fail_before_any_work(tmp_path, digits_ref):
         run(tmp_path / "b", "run.steps=2", "eval=fid", "eval.every=2", f"eval.ref={digits_ref}",
             f"eval.inception_weights={tmp_path / 'missing.pth'}")
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_sharded_ema_is_evaluated_in_place_on_two_ranks(tmp_path, digits_ref, inception_weights, strategy):
+    """2 ranks under FSDP2 / ZeRO-3: the EMA shards are swapped into the sharded parameters (nothing gathered),
+    both ranks sample their share (3 samples over 2 ranks: one rank pads its second batch), FID is logged, and
+    the run ends with the weights of the same run without evaluation."""
+    from test_strategies import STRATEGIES, launch
+
+    evaluation = ["eval=fid", "eval.every=2", "eval.num_samples=3", "eval.batch_size=1", "eval.steps=2",
+                  f"eval.ref={digits_ref}", f"eval.inception_weights={inception_weights}", "eval.fid_method=eigh"]
+    launch(tmp_path / "eval", 2, *STRATEGIES[strategy], "run.steps=2", "run.log_every=2", *evaluation)
+    launch(tmp_path / "plain", 2, *STRATEGIES[strategy], "run.steps=2", "run.log_every=2")
+    records = read_metrics(tmp_path / "eval" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2] and np.isfinite(records[0]["fid"])
+    a, b = weights(tmp_path / "eval"), weights(tmp_path / "plain")
+    for which in a:
+        assert all(torch.equal(a[which][k], b[which][k]) for k in a[which]), which
