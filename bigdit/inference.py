@@ -16,6 +16,9 @@ from bigdit.export import consolidated_weights
 from bigdit.models import build_model
 
 PRECISIONS = ("fp32", "bf16")
+#: sampler settings when neither the command nor the run's preset gives them (DiT's evaluation setup); read by
+#: tools/sample.py and by the model card of tools/export.py
+DEFAULT_SETTINGS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "cfg_convention": "dit", "guidance": "dit"}
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:

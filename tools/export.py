@@ -41,12 +41,7 @@ def _hydra_dict(cfg: dict) -> str:
 
 def _sample_defaults() -> dict:
     """tools/sample.py's sampler defaults (what it uses when a run preset has no ``sample:`` section), and eta."""
-    import sys
-
-    tools = str(Path(__file__).resolve().parent)
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    from sample import DEFAULT_SETTINGS
+    from bigdit.inference import DEFAULT_SETTINGS
 
     return {**DEFAULT_SETTINGS, "eta": OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml").eta}
 

@@ -52,14 +52,12 @@ from bigdit.data.schema import Manifest
 from bigdit.data.shard_dataset import empty_prompt_context
 from bigdit.diffusion import CFG_CONVENTIONS, GUIDANCE_MODES, SAMPLERS, dit_cfg_scale, make_schedule, space_timesteps
 from bigdit.fsio import atomic_path, write_json_atomic
-from bigdit.inference import (PRECISIONS, checkpoint_dir, generate, image_decoder, load_run, resolve_device, save_grid,
-                              to_uint8_images)
+from bigdit.inference import (DEFAULT_SETTINGS, PRECISIONS, checkpoint_dir, generate, image_decoder, load_run,
+                              resolve_device, save_grid, to_uint8_images)
 from bigdit.launch import run_or_submit, work_slice
 from bigdit.models import build_model, load_weights
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-#: sampler settings when neither the command nor the run's preset gives them (DiT's evaluation setup)
-DEFAULT_SETTINGS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "cfg_convention": "dit", "guidance": "dit"}
 LABELS = ("balanced", "uniform")
 DEFAULT_PER_CLASS = 8
 #: the stream of sample i's uniform label: seed (seed, i, LABEL_STREAM); its noise is seeded by (seed, i)
