@@ -103,7 +103,8 @@ class TrainingEvaluation:
         chunks = math.ceil(n / batch)
         for it in range(math.ceil(chunks / world)):
             c = rank + it * world
-            indices = torch.arange(min(c, chunks - 1) * batch, min(min(c, chunks - 1) * batch + batch, n))
+            first = min(c, chunks - 1) * batch  # past the last chunk: sample the last one again, then drop it
+            indices = torch.arange(first, min(first + batch, n))
             images = self._sample(indices % max(self.num_classes, 1), indices)
             if c < chunks:
                 self.fid.update(images, start=int(indices[0]))
