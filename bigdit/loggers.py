@@ -98,8 +98,9 @@ class Trackers:
         run_dir = Path(run_dir)
         self.active: dict[str, Any] = {}
         for name in check_loggers(names):
-            self._guard(name, lambda n=name: self.active.__setitem__(n, self._build(n, run_dir, config, resume_step,
-                                                                                   wandb_options or {})))
+            tracker = self._guard(name, lambda n=name: self._build(n, run_dir, config, resume_step, wandb_options or {}))
+            if tracker is not None:
+                self.active[name] = tracker
 
     @staticmethod
     def _build(name: str, run_dir: Path, config: dict[str, Any], resume_step: int, wandb_options: dict[str, Any]):
@@ -107,13 +108,15 @@ class Trackers:
             return TensorBoard(run_dir, config, resume_step)
         return Wandb(run_dir, config, wandb_options)
 
-    def _guard(self, name: str, call) -> None:
+    def _guard(self, name: str, call) -> Any:
+        """``call()``'s result; on any failure a warning, ``name`` switched off, and None."""
         try:
-            call()
+            return call()
         except Exception as e:  # any tracker failure: warn once, keep training
             self.active.pop(name, None)
             warnings.warn(f"logger {name} failed and is switched off for this run ({type(e).__name__}: {e}); "
                           f"metrics.jsonl keeps every record", stacklevel=2)
+            return None
 
     def log(self, record: dict[str, Any]) -> None:
         """Mirror one metrics.jsonl record (its ``step`` is the x axis)."""
