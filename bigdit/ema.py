@@ -39,24 +39,24 @@ class EMA:
         no copy of the model is made; bf16 compute weights keep a bf16 backup instead (a swap through bf16 would
         round the fp32 EMA). Exact both ways: evaluation never changes the training trajectory.
         """
+        def swap(t: torch.Tensor, e: torch.Tensor) -> None:
+            tmp = t.clone()
+            t.copy_(e)
+            e.copy_(tmp)
+
         backups = []
         for t, e in zip(tensors, self.shadow):
-            if t.dtype == e.dtype:
-                tmp = t.clone()
-                t.copy_(e)
-                e.copy_(tmp)
-                backups.append(None)
+            backups.append(None if t.dtype == e.dtype else t.clone())
+            if backups[-1] is None:
+                swap(t, e)
             else:
-                backups.append(t.clone())
                 t.copy_(e)
         try:
             yield
         finally:
             for t, e, backup in zip(tensors, self.shadow, backups):
                 if backup is None:
-                    tmp = t.clone()
-                    t.copy_(e)
-                    e.copy_(tmp)
+                    swap(t, e)
                 else:
                     t.copy_(backup)
 
