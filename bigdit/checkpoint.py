@@ -1,8 +1,15 @@
 """Atomic, rotating training checkpoints under ``<run.dir>/checkpoints`` with a ``latest`` pointer.
 
-Each checkpoint is written into a temporary directory by every rank that holds state, renamed into
-place by rank 0 only when complete, and only then is ``latest`` switched (``os.replace`` of a small
-file). A crash at any moment leaves the previous checkpoint and pointer intact.
+Each checkpoint is written into a temporary directory by every rank that holds state; rank 0 then records
+every file's size (``files.json``), flushes the files and directories to disk (fsync, as DCP and other
+trusted checkpointers do), renames the directory into place and only then switches ``latest``
+(``os.replace`` of a small file, fsync'ed too). A crash or power loss at any moment leaves the previous
+checkpoint and pointer intact. Before writing, the free space is checked against the last checkpoint's size;
+a full disk during the write removes the partial directory and names the directory and the bytes needed.
+
+Loading checks the recorded sizes and reads every file with ``weights_only=True``; a damaged checkpoint is
+refused with the file named and the way back: ``run.resume_step=N`` resumes from an earlier checkpoint,
+moving the later ones aside to ``abandoned/`` (nothing is deleted).
 
 What a checkpoint holds is the strategy's format (see ``bigdit.engine``); beside it rank 0 writes
 ``strategy.json``, the strategy's :meth:`~bigdit.engine.base.Strategy.checkpoint_meta` (its ``name`` and
@@ -12,17 +19,27 @@ tools reading the checkpoint later ask the strategy that wrote it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from bigdit.engine.base import Strategy
-from bigdit.fsio import write_atomic, write_json_atomic
+import torch
+
+from bigdit.engine.base import Strategy, full_numel
+from bigdit.fsio import fsync_tree, write_atomic, write_json_atomic
 
 LATEST = "latest"
 STRATEGY_FILE = "strategy.json"
+#: every file of a checkpoint with its size in bytes, written last: a truncated or missing file is found by name
+FILES = "files.json"
+ABANDONED = "abandoned"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file or directory and the fix."""
 
 # Checkpoints written before strategy.json: the file or folder that tells each strategy's layout apart.
 _LEGACY_MARKERS = (("state.pt", "ddp"), (".metadata", "fsdp2"), ("deepspeed", "deepspeed"))
@@ -75,18 +92,62 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir()
+        self._agree(self._space_problem() if self.strategy.is_main else None)
         self.strategy.barrier()
-        self.strategy.save(tmp, extra, ema)
+        try:
+            self.strategy.save(tmp, extra, ema)
+            problem = None
+        except Exception as e:
+            # torch.save reports a full disk as a RuntimeError from its C++ writer ("iostream error"), not ENOSPC
+            full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.root).free < self._bytes_needed()
+            if not full:
+                raise
+            problem = (f"the disk holding {self.root} filled up while writing the checkpoint of step {step} "
+                       f"(about {self._bytes_needed():,} bytes needed): free space there and rerun the same command "
+                       f"to resume from the previous checkpoint")
+        self._agree(problem, cleanup=tmp)
         self.strategy.barrier()
         if self.strategy.is_main:
             write_json_atomic(tmp / STRATEGY_FILE, self.strategy.checkpoint_meta(), indent=2)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_json_atomic(tmp / FILES, files, indent=1)
+            fsync_tree(tmp)  # every rank's files are on disk before any name points at them
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_tree(self.root, recursive=False)
             write_atomic(self.root / LATEST, tag + "\n")
+            fsync_tree(self.root, recursive=False)
             self._prune(keep_tag=tag)
         self.strategy.barrier()
         return final
+
+    def _bytes_needed(self) -> int:
+        """The size of the newest complete checkpoint, or (before the first) fp32 weights + AdamW + EMA."""
+        for path in sorted(self.root.glob("step-*"), reverse=True):
+            if (path / FILES).is_file():
+                return sum(json.loads((path / FILES).read_text()).values())
+        return 16 * sum(full_numel(p) for p in self.strategy.module.parameters())
+
+    def _space_problem(self) -> str | None:
+        needed, free = self._bytes_needed(), shutil.disk_usage(self.root).free
+        if free >= needed:
+            return None
+        return (f"not enough disk space for a checkpoint in {self.root}: about {needed:,} bytes needed, {free:,} "
+                f"free; free space there (or lower run.keep_ckpts) and rerun the same command to resume")
+
+    def _agree(self, problem: str | None, cleanup: Path | None = None) -> None:
+        """Raise on every rank when any rank (rank 0's message wins) hit ``problem``, so none waits in a
+        collective for a rank that has given up; the partial ``cleanup`` directory is removed first."""
+        failed = problem is not None
+        if self.strategy.info.world_size > 1:
+            flag = torch.tensor([float(failed)], device=self.strategy.device)
+            failed = self.strategy.all_reduce_mean(flag).item() > 0
+        if not failed:
+            return
+        if self.strategy.is_main and cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise CheckpointError(problem or f"another rank could not write the checkpoint in {self.root}; see its log")
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
@@ -94,11 +155,15 @@ class Checkpointer:
             if tag != keep_tag:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
 
-    def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Restore the latest checkpoint into the strategy; return ``(extra, ema)``, or None if there is none."""
-        path = latest_checkpoint(self.root)
+    def load_latest(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Restore the latest checkpoint (or the one of ``step``, ``run.resume_step``) into the strategy; return
+        ``(extra, ema)``, or None if there is none. Resuming from an earlier step moves the later checkpoints
+        to ``abandoned/`` and points ``latest`` at it."""
+        path = latest_checkpoint(self.root) if step is None else self.root / step_tag(step)
         if path is None:
             return None
+        if not path.is_dir():
+            raise CheckpointError(f"run.resume_step={step}: there is no {path}; checkpoints: {self._steps()}")
         saved, now = checkpoint_strategy(path), self.strategy.checkpoint_meta()
         changed = {k: (saved.get(k), now[k]) for k in self.strategy.resume_keys if saved.get(k, now[k]) != now[k]}
         if changed:
@@ -107,4 +172,49 @@ class Checkpointer:
             raise ValueError(f"{path} was written by strategy {was} but this run asks for {asked}: a checkpoint "
                              f"resumes only under the strategy layout that wrote it; use the original strategy keys "
                              f"or a new run.dir (tools/export.py converts any checkpoint to plain weights)")
-        return self.strategy.load(path)
+        self._check_files(path)
+        try:
+            restored = self.strategy.load(path)
+        except Exception as e:
+            culprit = _unreadable_file(path) or "a file"
+            raise CheckpointError(self._damaged(path, culprit, f"cannot be read ({e})")) from e
+        if step is not None and self.strategy.is_main:
+            self._abandon_after(path)
+        return restored
+
+    def _steps(self) -> str:
+        steps = [int(p.name.split("-")[1]) for p in sorted(self.root.glob("step-*")) if p.is_dir()]
+        return ", ".join(map(str, steps)) or "none"
+
+    def _damaged(self, path: Path, what: str, how: str) -> str:
+        earlier = [p for p in sorted(self.root.glob("step-*")) if p.is_dir() and p.name < path.name]
+        back = (f"resume from the previous checkpoint with run.resume_step={int(earlier[-1].name.split('-')[1])}"
+                if earlier else "there is no earlier checkpoint: start again in a new run.dir")
+        return f"checkpoint {path} is damaged: {what} {how}; {back} (checkpoints: {self._steps()})"
+
+    def _check_files(self, path: Path) -> None:
+        if not (path / FILES).is_file():
+            return  # written before files.json existed
+        for name, size in json.loads((path / FILES).read_text()).items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(self._damaged(path, str(f), "is missing"))
+            if f.stat().st_size != size:
+                raise CheckpointError(self._damaged(path, str(f), f"has {f.stat().st_size:,} bytes, {size:,} written"))
+
+    def _abandon_after(self, path: Path) -> None:
+        later = [p for p in sorted(self.root.glob("step-*")) if p.is_dir() and p.name > path.name]
+        for p in later:
+            (self.root / ABANDONED).mkdir(exist_ok=True)
+            os.replace(p, self.root / ABANDONED / p.name)
+        write_atomic(self.root / LATEST, path.name + "\n")
+
+
+def _unreadable_file(path: Path) -> str | None:
+    """The first ``.pt`` file under ``path`` that torch cannot read as tensors and plain containers."""
+    for f in sorted(path.rglob("*.pt")):
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return str(f)
+    return None

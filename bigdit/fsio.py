@@ -56,3 +56,16 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically."""
     return write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def fsync_tree(root: str | Path, recursive: bool = True) -> None:
+    """Flush ``root`` to disk: every file under it and every directory (their entries: new names), or with
+    ``recursive=False`` only the directory ``root`` itself (e.g. after a rename inside it)."""
+    root = Path(root)
+    paths = sorted(root.rglob("*"), reverse=True) + [root] if recursive else [root]
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -33,27 +33,31 @@ class MetricsWindow:
     def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int):
         self.reduce_mean = reduce_mean
         self.world_size = world_size
-        self.sums = torch.zeros(4, device=device)  # loss, grad norm, steps, bad samples
+        self.sums = torch.zeros(5, device=device)  # loss, grad norm, steps, bad samples, applied steps
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Account one optimizer step."""
-        self.sums[0] += loss
-        self.sums[1] += grad_norm
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool = True) -> None:
+        """Account one optimizer step; a skipped (non-finite) step counts for throughput, not for the means."""
         self.sums[2] += 1
+        if applied:
+            self.sums[0] += loss
+            self.sums[1] += grad_norm
+            self.sums[4] += 1
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (e.g. an evaluation) out of the window's wall time."""
         self.start += seconds
 
     def read(self, bad_samples: int) -> dict[str, float]:
-        """Means over the window (``loss``, ``grad_norm``), its ``steps`` and wall time ``seconds``, and the run's
-        ``bad_samples`` over all ranks; then start a new window. Collective."""
+        """Means over the window's applied steps (``loss``, ``grad_norm``; NaN when every step was skipped), its
+        ``steps`` and wall time ``seconds``, and the run's ``bad_samples`` over all ranks; then start a new
+        window. Collective."""
         self.sums[3] = bad_samples
-        loss, grad_norm, steps, bad = self.reduce_mean(self.sums.clone()).tolist()
+        loss, grad_norm, steps, bad, applied = self.reduce_mean(self.sums.clone()).tolist()
         now = time.perf_counter()
-        out = {"loss": loss / steps, "grad_norm": grad_norm / steps, "steps": steps, "seconds": now - self.start,
-               "bad_samples": round(bad * self.world_size)}
+        applied = applied or float("nan")
+        out = {"loss": loss / applied, "grad_norm": grad_norm / applied, "steps": steps,
+               "seconds": now - self.start, "bad_samples": round(bad * self.world_size)}
         self.sums.zero_()
         self.start = now
         return out

@@ -35,6 +35,7 @@ from bigdit.evaluation.during_training import TrainingEvaluation
 from bigdit.metrics import MetricsLog, MetricsWindow, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.flops import train_flops_per_sample
+from bigdit.fsio import temp_name
 from bigdit.loggers import Trackers, check_loggers
 from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
@@ -42,6 +43,8 @@ from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+#: run.nonfinite: skip a non-finite step (stop after run.max_skipped in a row), stop at the first, or no check
+NONFINITE = ("skip", "stop", "off")
 
 
 def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
@@ -87,6 +90,17 @@ def dropout_probability(cfg: DictConfig) -> float:
         raise ValueError(f"the text-to-image model (model.context_dim={cfg.model.context_dim}) drops captions with "
                          f"cond.caption_dropout_prob: train it with cond=text")
     return float(prob)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Fail before any compute when ``run.dir`` cannot be created or written (checkpoints go there)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(run_dir / "write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run.dir={run_dir} is not writable ({e.strerror or e}): choose another run.dir") from e
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
@@ -154,22 +168,45 @@ class Session:
     drop_prob: float
     step: int = 0
     nimg: int = 0
+    #: optimizer steps skipped for a non-finite loss or gradient, over the whole run (checkpointed)
+    skipped_steps: int = 0
+    #: consecutive skipped steps up to now (a fresh process starts at 0)
+    skipped_in_a_row: int = 0
 
     def checkpoint(self) -> None:
         """Write a checkpoint of the current step (collective)."""
         extra = {"data": self.data.state_dict(), "step": self.step, "nimg": self.nimg,
-                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                 "skipped_steps": self.skipped_steps, "config": OmegaConf.to_container(self.cfg, resolve=True)}
         self.ckpt.save(self.step, extra, self.ema.state_dict())
+
+    def count_skip(self, applied: bool) -> str | None:
+        """Count a step whose update was (not) applied; return why training must stop now, or None. The same on
+        every rank: the skip decision comes from the global gradient norm."""
+        self.skipped_steps += not applied
+        self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
+        run = self.cfg.run
+        if applied or (run.nonfinite == "skip" and self.skipped_in_a_row < run.max_skipped):
+            return None
+        return (f"step {self.step}: {self.skipped_in_a_row} consecutive step(s) with a non-finite loss or gradient "
+                f"(run.nonfinite={run.nonfinite}, run.max_skipped={run.max_skipped}), their updates skipped; stopped "
+                f"with the last good weights checkpointed at step {self.step} in {run.dir}/checkpoints."
+                f" Lower optim.lr, "
+                f"set optim.grad_clip, check the data (shards with inf/NaN values), or go back to an earlier "
+                f"checkpoint with run.resume_step=N")
 
 
 def setup(cfg: DictConfig) -> Session:
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    if cfg.run.nonfinite not in NONFINITE or cfg.run.max_skipped < 1:
+        raise ValueError(f"run.nonfinite must be one of {', '.join(NONFINITE)} (got {cfg.run.nonfinite!r}) and "
+                         f"run.max_skipped >= 1 (got {cfg.run.max_skipped})")
     check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
+    check_run_dir(run_dir)
     check_resume_compatible(run_dir, cfg)
     # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
     data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
@@ -184,14 +221,13 @@ def setup(cfg: DictConfig) -> Session:
     s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
                 data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
-    restored = s.ckpt.load_latest()
+    restored = s.ckpt.load_latest(cfg.run.resume_step)
     if restored is not None:
         extra, ema_state = restored
         s.ema.load_state_dict(ema_state)
         data.load_state_dict(extra["data"])
-        s.step, s.nimg = extra["step"], extra["nimg"]
+        s.step, s.nimg, s.skipped_steps = extra["step"], extra["nimg"], extra.get("skipped_steps", 0)
     if strategy.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         n_params = sum(full_numel(p) for p in strategy.module.parameters())
         print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "
@@ -203,9 +239,10 @@ def setup(cfg: DictConfig) -> Session:
     return s
 
 
-def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
     """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean loss
-    and the global gradient norm as device tensors (no host sync), and the learning rate used."""
+    and the global gradient norm as device tensors, the learning rate used, and whether the update was applied
+    (False: a non-finite loss or gradient, the optimizer and EMA updates skipped on every rank)."""
     cfg, strategy, plan = s.cfg, s.strategy, s.plan
     device, rank = strategy.device, strategy.info.rank
     lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
@@ -224,9 +261,10 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         loss = training_losses(s.schedule, out.float(), x0, xt, t, draws.noise, cfg.model.learn_sigma)["loss"].mean()
         strategy.backward(loss / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
-    grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
-    s.ema.update([tensor for _, tensor in strategy.ema_targets()])
-    return mean_loss, grad_norm, lr
+    grad_norm, applied = strategy.optimizer_step(cfg.optim.grad_clip, skip_nonfinite=cfg.run.nonfinite != "off")
+    if applied:
+        s.ema.update([tensor for _, tensor in strategy.ema_targets()])
+    return mean_loss, grad_norm, lr, applied
 
 
 def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: float | None,
@@ -235,7 +273,8 @@ def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: f
     img_per_s = s.plan.global_batch * window["steps"] / window["seconds"]
     record = {"step": s.step, "nimg": s.nimg, "loss": window["loss"], "lr": lr, "grad_norm": window["grad_norm"],
               "img_per_s": img_per_s, "step_time_s": window["seconds"] / window["steps"],
-              "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"]}
+              "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"],
+              "skipped_steps": s.skipped_steps}
     if flops_per_img:
         record["tflops_per_gpu"] = img_per_s * flops_per_img / s.strategy.info.world_size / 1e12
         record["mfu"] = record["tflops_per_gpu"] / peak_tflops
@@ -258,21 +297,25 @@ def train(cfg: DictConfig) -> None:
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 
     while s.step < run.steps:
-        loss, grad_norm, lr = train_step(s, s.step)
-        window.add(loss, grad_norm)
+        loss, grad_norm, lr, applied = train_step(s, s.step)
+        window.add(loss, grad_norm, applied)
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
+        halt = s.count_skip(applied)  # why non-finite steps stop the run now, or None
         profiler.step()
         evaluated = evaluation(s.step, run.dir) if evaluation and evaluation.due(s.step) else {}
         window.exclude(evaluated.get("eval_s", 0.0))  # throughput counts training only
-        if s.step % run.log_every == 0 or s.step == run.steps:
+        if s.step % run.log_every == 0 or s.step == run.steps or halt:
             record = log_record(s, window.read(s.data.bad_samples), lr, flops_per_img, peak_tflops) | evaluated
             if log is not None:
                 log.write(record)
                 trackers.log(record)
                 print_status(status_line(record, run.steps))
         stop = guard.stop_requested(s.step)  # preemption/timeout signal on any rank (all ranks get the same answer)
-        if s.step % run.ckpt_every == 0 or s.step == run.steps or stop:
+        if s.step % run.ckpt_every == 0 or s.step == run.steps or stop or halt:
             s.checkpoint()
+        if halt:
+            strategy.teardown()
+            raise SystemExit(halt)
         if stop and s.step < run.steps:
             guard.stop(s.step, run.dir)  # requeue the job (or exit with how to resume); the next one resumes here
 

@@ -122,3 +122,13 @@ def inception_weights(tmp_path_factory) -> Path:
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     torch.save(net.state_dict(), d / WEIGHTS_NAME)
     return d / WEIGHTS_NAME
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the fault-injection cases' one-line summaries (their ``fault`` property), also from xdist workers."""
+    lines = [value for report in terminalreporter.stats.get("passed", []) if report.when == "call"
+             for name, value in report.user_properties if name == "fault"]
+    if lines:
+        terminalreporter.section("Faults survived")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

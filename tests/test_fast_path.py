@@ -16,19 +16,28 @@ TINY = ["experiment=demo", "model.hidden_size=32", "model.depth=2", "model.num_h
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["digits", "wds"])
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed"])
-def test_loss_and_grad_norm_are_read_back_only_at_log_steps(tmp_path, strategy, data, digit_shards):
+@pytest.mark.parametrize("strategy,data,nonfinite", [
+    *[(strategy, data, "skip") for strategy in ("ddp", "fsdp2", "deepspeed") for data in ("digits", "wds")],
+    ("ddp", "digits", "off")])
+def test_loss_and_grad_norm_are_read_back_only_at_log_steps(tmp_path, strategy, data, nonfinite, digit_shards):
     """10 steps logged every 5: bigdit's code reads device values back twice (one ``tolist`` per log step, in the
-    metrics window, which carries the loader's bad-sample count in the same collective), never per step (e.g.
-    DeepSpeed's grad norm as a Python float would be one stall per step on a GPU), in-memory or from shards."""
+    metrics window, which carries the loader's bad-sample count in the same collective), plus, under DDP and FSDP2
+    with the non-finite check on, the global gradient norm's finiteness once per step (DeepSpeed's own overflow
+    check already holds it on the host). Nothing else per step (e.g. DeepSpeed's grad norm as a Python float would
+    be one stall per step on a GPU), in-memory or from shards."""
     source = [] if data == "digits" else ["data=digits_wds", f"data.root={digit_shards['wds']}", "data.flip=false"]
     proc = subprocess.run([sys.executable, "tests/sync_probe.py", *TINY, *source, f"strategy={strategy}",
-                           "run.steps=10", "run.log_every=5", f"run.dir={tmp_path}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                           "run.steps=10", "run.log_every=5", f"run.nonfinite={nonfinite}", f"run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sum(calls.values()) == 2 and len(calls) == 1 and next(iter(calls)).startswith("metrics.py:"), calls
+    metrics = {site: n for site, n in calls.items() if site.startswith("metrics.py:")}
+    assert sum(metrics.values()) == 2 and len(metrics) == 1, calls
+    per_step = {site: n for site, n in calls.items() if site not in metrics}
+    if nonfinite == "skip" and strategy != "deepspeed":
+        assert len(per_step) == 1 and next(iter(per_step)).startswith("base.py:") and sum(per_step.values()) == 10
+    else:
+        assert not per_step, calls
 
 
 def test_pin_memory_defaults_to_on_exactly_when_training_on_a_gpu(digit_shards):

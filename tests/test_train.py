@@ -79,11 +79,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     crashed = make_cfg(tmp_path / "crashed", "run.steps=8")
     real_step, calls = DDPStrategy.optimizer_step, {"n": 0}
 
-    def crash_at_sixth(self, max_norm):
+    def crash_at_sixth(self, max_norm, skip_nonfinite=True):
         calls["n"] += 1
         if calls["n"] == 6:  # after the checkpoint at step 4, with metrics logged past it
             raise KeyboardInterrupt("simulated preemption")
-        return real_step(self, max_norm)
+        return real_step(self, max_norm, skip_nonfinite)
 
     monkeypatch.setattr(DDPStrategy, "optimizer_step", crash_at_sixth)
     with pytest.raises(KeyboardInterrupt):

@@ -352,7 +352,7 @@ class MdsLoader(ShardDataset):
         else:
             streaming = self.loader.state_dict()
         return {"format": self.format, "streaming": streaming, "step": self._step if self._step is not None
-                else self._loaded.get("step", 0), **self._layout()}
+                else self._loaded.get("step", 0), "manifest_sha256": self.manifest_sha256, **self._layout()}
 
     def _layout(self) -> dict[str, Any]:
         return {"world_size": self.plan.world_size, "workers": max(1, self.num_workers),
@@ -364,6 +364,7 @@ class MdsLoader(ShardDataset):
             return
         if state.get("format") != self.format:
             raise ValueError(f"{self.root}: the checkpoint's data state is of data={state.get('format')}")
+        self.check_same_shards(state)
         saved = {k: state.get(k) for k in self._layout()}
         if saved != self._layout():
             warnings.warn(f"resuming {self.root} with layout {self._layout()} instead of {saved}: streaming "

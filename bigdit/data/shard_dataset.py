@@ -8,7 +8,9 @@ shard.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,4 +84,14 @@ class ShardDataset:
         self.text_dim = None if self.manifest.text is None else int(self.manifest.text["dim"])
         #: cached empty-prompt CLIP tokens (T, D) for caption dropout; None without text embeddings
         self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
+        #: identifies the shard set: a checkpoint records it, and resuming on changed shards is refused
+        self.manifest_sha256 = hashlib.sha256((Path(self.root) / MANIFEST_NAME).read_bytes()).hexdigest()
         return {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
+
+    def check_same_shards(self, state: dict[str, Any]) -> None:
+        """Refuse to resume from a checkpoint's data ``state`` taken on other shards (re-encoded, replaced or
+        re-sharded under the run: the rest of the run would not see what an uninterrupted run sees)."""
+        saved = state.get("manifest_sha256")
+        if saved is not None and saved != self.manifest_sha256:
+            raise SchemaError(f"the shards in {self.root} changed since the checkpoint was written ({MANIFEST_NAME} "
+                              f"differs): resume on the shards the run started with, or start a new run.dir")

@@ -428,12 +428,14 @@ class WdsLoader(ShardDataset):
     def state_dict(self) -> dict[str, Any]:
         """Global progress: the micro-batch position (the same on every rank) and the stream layout."""
         return {"format": self.format, "position": self._pos, "world_size": self.plan.world_size,
-                "streams": self.streams.streams, "micro_batch": self.plan.micro_batch, "seed": self.seed}
+                "streams": self.streams.streams, "micro_batch": self.plan.micro_batch, "seed": self.seed,
+                "manifest_sha256": self.manifest_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check the layout; the position itself follows from the step the loop resumes at."""
         if not state:
             return
+        self.check_same_shards(state)
         saved = {k: state.get(k) for k in ("world_size", "streams", "micro_batch", "seed")}
         now = {"world_size": self.plan.world_size, "streams": self.streams.streams,
                "micro_batch": self.plan.micro_batch, "seed": self.seed}

@@ -2,8 +2,8 @@
 
 Shaped like Lightning Fabric's Strategy: the model and optimizer are set up together (sharding
 strategies must build the optimizer over sharded parameters), and the loop only calls ``backward``,
-``optimizer_step`` (which clips and reports the gradient norm), ``no_sync``, ``save``/``load`` and a
-few collectives.
+``optimizer_step`` (which clips, skips non-finite updates and reports the gradient norm), ``no_sync``,
+``save``/``load`` and a few collectives.
 
 Each strategy owns its checkpoint format, writing and offline consolidation alike: ``save``/``load``
 during training, and the classmethod ``consolidate`` to turn a checkpoint directory back into full
@@ -149,16 +149,25 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, max_norm: float | None) -> torch.Tensor:
-        """Clip gradients to ``max_norm`` (when given), step, zero them; return the global gradient norm
-        before clipping as a device tensor (no host sync)."""
+    def optimizer_step(self, max_norm: float | None, skip_nonfinite: bool = True) -> tuple[torch.Tensor, bool]:
+        """Clip gradients to ``max_norm`` (when given), step, zero them; return the global gradient norm before
+        clipping as a device tensor, and whether the update was applied.
+
+        ``skip_nonfinite``: when the global norm is inf or NaN (a non-finite loss or gradient on any rank) the
+        update is skipped and the gradients dropped. Every rank holds the same global norm, so all ranks skip
+        alike. Deciding needs the norm on the host: one readback per step (what Megatron's and DeepSpeed's
+        overflow checks do too); without ``skip_nonfinite`` the norm stays on the device.
+        """
         params = [p for p in self.module.parameters() if p.grad is not None]
         # With an infinite bound clip_grad_norm_ only measures. Under FSDP2 the norm is a DTensor reduced
         # over the shards; full_tensor() makes it the global value on every rank.
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf, foreach=True)
-        self.optimizer.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        applied = bool(torch.isfinite(norm)) if skip_nonfinite else True
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm, applied
 
     def ema_targets(self) -> list[tuple[str, torch.Tensor]]:
         """Named tensors this rank keeps an EMA of: its own shard of each parameter under sharding

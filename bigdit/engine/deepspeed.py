@@ -136,13 +136,17 @@ class DeepSpeedStrategy(Strategy):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances DeepSpeed's micro-step counter
 
-    def optimizer_step(self, max_norm: float | None) -> torch.Tensor:
-        # Clipping is configured in ds_config (gradient_clipping) and applied inside step().
+    def optimizer_step(self, max_norm: float | None, skip_nonfinite: bool = True) -> tuple[torch.Tensor, bool]:
+        # Clipping is configured in ds_config (gradient_clipping) and applied inside step(). ZeRO skips an update
+        # whose global gradient norm is inf/NaN itself (its overflow check, the same on every rank), whatever
+        # skip_nonfinite says; was_step_applied() reports it as a Python bool it already holds.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if torch.is_tensor(norm):  # ZeRO keeps it on the device: no float() here, the loop reads it at log steps
-            return norm.detach().reshape(()).float()
-        return torch.tensor(float("nan") if norm is None else norm, device=self.device)
+            norm = norm.detach().reshape(()).float()
+        else:
+            norm = torch.tensor(float("nan") if norm is None else norm, device=self.device)
+        return norm, self.engine.was_step_applied()
 
     def ema_targets(self) -> list[tuple[str, torch.Tensor]]:
         if self.zero_stage == 3:
