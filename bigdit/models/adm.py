@@ -37,9 +37,8 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Autocast off: it would otherwise choose the dtype itself; the weights may be bf16 under FSDP2.
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        # Weights too: FSDP2 may hold them in bf16. Autocast keeps group_norm in float32 (its fp32 op list).
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return out.type(x.dtype)
 
 
