@@ -33,7 +33,8 @@ class GroupNorm32(nn.GroupNorm):
 
     def __init__(self, channels: int):
         if channels % 32:
-            raise ValueError(f"ADM normalises {channels} channels in 32 groups: widths must be multiples of 32")
+            raise ValueError(f"ADM normalises in 32 groups but a layer has {channels} channels: choose model_channels "
+                             f"and channel_mult so that every width (and skip concatenation) is a multiple of 32")
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +128,9 @@ class TimestepEmbedSequential(nn.Sequential):
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 convolution when ``use_conv`` (``conv_resample``)."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.channels = channels
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -144,15 +144,9 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     """2x downsampling: a stride-2 3x3 convolution when ``use_conv`` (``conv_resample``), else 2x2 average pooling."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
-        elif out_channels != channels:
-            raise ValueError(f"average-pool downsampling cannot change {channels} channels to {out_channels}")
-        else:
-            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -171,7 +165,7 @@ class ResBlock(TimestepBlock):
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 use_conv: bool = False, use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
         super().__init__()
         self.out_channels = out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
@@ -191,10 +185,8 @@ class ResBlock(TimestepBlock):
         )
         nn.init.zeros_(self.out_layers[3].weight)  # the residual branch starts at zero
         nn.init.zeros_(self.out_layers[3].bias)
-        if out_channels == channels:
-            self.skip_connection = nn.Identity()
-        else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 3 if use_conv else 1, padding=int(use_conv))
+        # guided-diffusion's use_conv (a 3x3 skip) is never set by its constructors: the skip is 1x1.
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, act, conv = self.in_layers
@@ -203,13 +195,13 @@ class ResBlock(TimestepBlock):
             h, x = self.h_upd(h), self.x_upd(x)
         h = conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+        out_norm, out_act, out_drop, out_conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_norm(h) * (1 + scale) + shift
         else:
-            h = out_rest(out_norm(h + emb_out))
-        return self.skip_connection(x) + h
+            h = out_norm(h + emb_out)
+        return self.skip_connection(x) + out_conv(out_drop(out_act(h)))
 
     def macs(self, side: int) -> tuple[int, int]:
         """Multiply-adds of one sample entering at ``side``, and the side it leaves at."""
@@ -519,8 +511,10 @@ class EncoderUNetModel(nn.Module):
         for block in [*self.input_blocks, self.middle_block]:
             block_macs, side = block.macs(side)
             macs += block_macs
-        head = self.out[2] if self.pool == "attention" else None
-        macs += head.macs(side)[0] if head is not None else conv_macs(self.out[3], 1)
+        if self.pool == "attention":
+            macs += self.out[2].macs(side)[0]
+        else:
+            macs += conv_macs(self.out[3], 1)  # after pooling to 1x1
         return 2 * macs
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -542,7 +536,7 @@ def _time_embed_macs(time_embed: nn.Sequential) -> int:
 
 
 def _registered(cls: type[nn.Module], preset: dict, aliases: dict[str, str]) -> Callable[..., nn.Module]:
-    """A registry entry: ``cls`` with ``preset``'s keywords, which the caller's override.
+    """A registry entry: ``cls`` with ``preset``'s keywords; those the caller passes override them.
 
     ``aliases`` maps bigdit's names to guided-diffusion's (``input_size`` -> ``image_size``): a keyword given
     under either name replaces the preset's value under the other.
@@ -568,16 +562,18 @@ def _attention_rates(side: int) -> tuple[int, ...]:
     return tuple(side // res for res in (32, 16, 8))
 
 
+def _unet(side: int, **kwargs) -> dict:
+    return {**_UNET, "image_size": side, "channel_mult": _MULT[side], "attention_resolutions": _attention_rates(side),
+            **kwargs}
+
+
 _UNETS = {
-    "ADM-64": dict(_UNET, image_size=64, model_channels=192, num_res_blocks=3, dropout=0.1,
-                   use_new_attention_order=True),
-    "ADM-128": dict(_UNET, image_size=128, num_head_channels=-1),
-    "ADM-256": dict(_UNET, image_size=256),
-    "ADM-256-uncond": dict(_UNET, image_size=256, num_classes=None),
-    "ADM-512": dict(_UNET, image_size=512),
+    "ADM-64": _unet(64, model_channels=192, num_res_blocks=3, dropout=0.1, use_new_attention_order=True),
+    "ADM-128": _unet(128, num_head_channels=-1),
+    "ADM-256": _unet(256),
+    "ADM-256-uncond": _unet(256, num_classes=None),
+    "ADM-512": _unet(512),
 }
-for _preset in _UNETS.values():
-    _preset.update(channel_mult=_MULT[_preset["image_size"]], attention_resolutions=_attention_rates(_preset["image_size"]))
 
 # The noisy classifiers (guided-diffusion's create_classifier; depth 4 at 64px, as the README's flags).
 _CLASSIFIERS = {
