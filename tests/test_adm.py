@@ -217,9 +217,12 @@ def test_bigdit_and_official_keywords():
     ({"dims": 3}, "dims=3"),
     ({"learn_sigma": False, "out_channels": 6}, "contradicts learn_sigma"),
     ({"image_size": 64, "input_size": 32}, "name the same side"),
-    ({"input_size": 20}, "divisible by 2"),
+    ({"input_size": 20}, "must be divisible by 32 for 6 levels"),
     ({"num_classes": None, "class_dropout_prob": 0.1}, "needs class labels"),
     ({"num_head_channels": 48}, "not divisible into heads of 48"),
+    ({"attention_resolutions": "32,16,8"}, "sequences of numbers"),
+    ({"channel_mult": (1, 2)}, r"reach only \[1, 2\]: drop \[8, 16, 32\]"),
+    ({"model_channels": 48}, "multiple of 32"),
 ])
 def test_bad_arguments_are_refused_before_building(kw, match):
     with pytest.raises(ValueError, match=match):

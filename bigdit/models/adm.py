@@ -301,8 +301,8 @@ def _encoder(in_channels: int, model_channels: int, num_res_blocks: int, attenti
 
 
 def _check_common(dims: int, image_size: int | None, input_size: int | None, channel_mult: Sequence[float],
-                  model: str) -> int:
-    """Validate what both networks share; return the image side."""
+                  attention_resolutions: Sequence[int], model: str) -> tuple[int, tuple, tuple]:
+    """Validate what both networks share; return the image side, ``channel_mult`` and ``attention_resolutions``."""
     if dims != 2:
         raise ValueError(f"{model}: dims={dims} is not supported; bigdit's ADM is the 2-D image U-Net (dims=2)")
     if image_size is not None and input_size is not None and image_size != input_size:
@@ -310,10 +310,21 @@ def _check_common(dims: int, image_size: int | None, input_size: int | None, cha
     side = image_size if image_size is not None else input_size
     if side is None:
         raise ValueError(f"{model}: give the image side as image_size (or input_size)")
-    if side % 2 ** (len(channel_mult) - 1):
-        raise ValueError(f"{model}: image side {side} must be divisible by 2**{len(channel_mult) - 1} for "
-                         f"{len(channel_mult)} levels (channel_mult={tuple(channel_mult)})")
-    return side
+    if isinstance(channel_mult, str) or isinstance(attention_resolutions, str):
+        # create_model's strings ("1,1,2,2,4,4", "32,16,8" in pixels) are not the constructor's numbers
+        raise ValueError(f"{model}: channel_mult and attention_resolutions are sequences of numbers, e.g. "
+                         f"channel_mult=[1,1,2,2,4,4] attention_resolutions=[8,16,32] (downsample rates: "
+                         f"create_model's '32,16,8' at 256px); got {channel_mult!r}, {attention_resolutions!r}")
+    channel_mult, rates = tuple(channel_mult), tuple(attention_resolutions)
+    deepest = 2 ** (len(channel_mult) - 1)
+    if side % deepest:
+        raise ValueError(f"{model}: image side {side} must be divisible by {deepest} for {len(channel_mult)} levels "
+                         f"(channel_mult={channel_mult})")
+    reached = {2 ** level for level in range(len(channel_mult))}
+    if not set(rates) <= reached:
+        raise ValueError(f"{model}: attention_resolutions {rates} are downsample rates, but {len(channel_mult)} levels "
+                         f"reach only {sorted(reached)}: drop {sorted(set(rates) - reached)} or add levels")
+    return side, channel_mult, rates
 
 
 class UNetModel(nn.Module):
@@ -352,8 +363,9 @@ class UNetModel(nn.Module):
         class_dropout_prob: float = 0.0,
     ):
         super().__init__()
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        self.image_size = self.input_size = _check_common(dims, image_size, input_size, channel_mult, "ADM")
+        side, channel_mult, attention_resolutions = _check_common(
+            dims, image_size, input_size, channel_mult, attention_resolutions, "ADM")
+        self.image_size = self.input_size = side
         if out_channels is None:
             out_channels = in_channels * (1 if learn_sigma is False else 2)
         elif learn_sigma is not None and out_channels != in_channels * (1 + int(learn_sigma)):
@@ -470,8 +482,9 @@ class EncoderUNetModel(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        self.image_size = self.input_size = _check_common(dims, image_size, input_size, channel_mult, "ADM classifier")
+        side, channel_mult, attention_resolutions = _check_common(
+            dims, image_size, input_size, channel_mult, attention_resolutions, "ADM classifier")
+        self.image_size = self.input_size = side
         if out_channels is not None and num_classes is not None and out_channels != num_classes:
             raise ValueError(f"ADM classifier: out_channels={out_channels} and num_classes={num_classes} name the "
                              f"same number of logits; give one")
