@@ -169,7 +169,9 @@ class ResBlock(TimestepBlock):
         super().__init__()
         self.out_channels = out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -181,7 +183,8 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.out_layers[3].weight)  # the residual branch starts at zero
         nn.init.zeros_(self.out_layers[3].bias)
