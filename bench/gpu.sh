@@ -123,7 +123,7 @@ if [[ ${BENCH_SMOKE:-0} == 1 ]]; then  # tiny models on a CPU: the same rows, co
   UB="model=udit model.name=U-DiT-S +model.depth=[1,1,1,1,1] +model.hidden_size=32 +model.num_heads=2"
   UL=$UB
   ADM="model=dit model.name=ADM-64 model.input_size=32 model.in_channels=3 model.class_dropout_prob=0 \
-+model.model_channels=32 +model.num_res_blocks=1 data.source.shape=[3,32,32] data.source.size=16"
++model.model_channels=64 +model.num_res_blocks=1 data.source.shape=[3,32,32] data.source.size=16"
   STEPS="run.steps=8 bench.warmup_steps=4 bench.log_every=4"  # the profile needs steps 5-8
   PRECISION=run.precision=fp32  # bf16 autocast on a CPU is ~10x slower than fp32
   [[ ${BENCH_SMOKE_COMPILE:-0} == 1 ]] || COMPILE=run.compile=false
