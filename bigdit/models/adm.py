@@ -101,6 +101,21 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
     return heads
 
 
+class TimeEmbed(nn.Sequential):
+    """Timesteps (N,) -> embeddings (N, 4 x model_channels): sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, model_channels: int):
+        super().__init__(nn.Linear(model_channels, 4 * model_channels), nn.SiLU(),
+                         nn.Linear(4 * model_channels, 4 * model_channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(timestep_embedding(t, self[0].in_features).to(self[0].weight.dtype))
+
+    def macs(self) -> int:
+        """Multiply-adds of one sample."""
+        return sum(layer.in_features * layer.out_features for layer in self if isinstance(layer, nn.Linear))
+
+
 class TimestepBlock(nn.Module):
     """A module whose ``forward(x, emb)`` also takes the timestep (and label) embedding."""
 
@@ -386,7 +401,7 @@ class UNetModel(nn.Module):
         self.class_dropout_prob = class_dropout_prob
 
         emb = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = TimeEmbed(model_channels)
         if num_classes is not None:
             # One extra row (index num_classes) for the null label of classifier-free guidance.
             self.label_emb = nn.Embedding(num_classes + int(class_dropout_prob > 0), emb)
@@ -416,11 +431,8 @@ class UNetModel(nn.Module):
 
     def forward_flops(self) -> int:
         """Forward FLOPs of one sample, by the conventions of :mod:`bigdit.flops` (resampling is free)."""
-        side, macs = self.image_size, _time_embed_macs(self.time_embed)
-        for block in [*self.input_blocks, self.middle_block, *self.output_blocks]:
-            block_macs, side = block.macs(side)
-            macs += block_macs
-        return 2 * (macs + conv_macs(self.out[2], side))
+        macs, side = _path_macs([*self.input_blocks, self.middle_block, *self.output_blocks], self.image_size)
+        return 2 * (self.time_embed.macs() + macs + conv_macs(self.out[2], side))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -432,7 +444,7 @@ class UNetModel(nn.Module):
         Timesteps are used as given (guided-diffusion's ``rescale_timesteps`` is off in every published model).
         """
         check_input(x, self.in_channels, self.image_size, "ADM")
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t)
         if self.num_classes is not None:
             if y is None or y.shape != (x.shape[0],):
                 raise ValueError(f"class-conditional ADM expects labels y of shape ({x.shape[0]},), got "
@@ -503,8 +515,7 @@ class EncoderUNetModel(nn.Module):
         self.num_classes = out_channels
         self.pool = pool
 
-        emb = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = TimeEmbed(model_channels)
         self.input_blocks, self.middle_block, _, ch, ds = _encoder(
             in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample,
             num_heads, num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
@@ -523,10 +534,8 @@ class EncoderUNetModel(nn.Module):
 
     def forward_flops(self) -> int:
         """Forward FLOPs of one sample, by the conventions of :mod:`bigdit.flops`."""
-        side, macs = self.image_size, _time_embed_macs(self.time_embed)
-        for block in [*self.input_blocks, self.middle_block]:
-            block_macs, side = block.macs(side)
-            macs += block_macs
+        macs, side = _path_macs([*self.input_blocks, self.middle_block], self.image_size)
+        macs += self.time_embed.macs()
         if self.pool == "attention":
             macs += self.out[2].macs(side)[0]
         else:
@@ -536,7 +545,7 @@ class EncoderUNetModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Class logits (N, out_channels) of noisy images ``x`` at timesteps ``t`` (used as given)."""
         check_input(x, self.in_channels, self.image_size, "ADM classifier")
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t)
         h = x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -547,8 +556,13 @@ def _repeated_blocks(sequences: list[TimestepEmbedSequential]) -> list[nn.Module
     return [layer for seq in sequences for layer in seq if isinstance(layer, (ResBlock, AttentionBlock))]
 
 
-def _time_embed_macs(time_embed: nn.Sequential) -> int:
-    return sum(layer.in_features * layer.out_features for layer in time_embed if isinstance(layer, nn.Linear))
+def _path_macs(blocks: list[TimestepEmbedSequential], side: int) -> tuple[int, int]:
+    """Multiply-adds of one sample through ``blocks`` entering at ``side``, and the side it leaves at."""
+    total = 0
+    for block in blocks:
+        macs, side = block.macs(side)
+        total += macs
+    return total, side
 
 
 def _registered(cls: type[nn.Module], preset: dict, aliases: dict[str, str]) -> Callable[..., nn.Module]:
