@@ -27,7 +27,7 @@ from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
 from bigdit.diffusion import Schedule, make_schedule, q_sample, training_losses
-from bigdit.ema import EMA
+from bigdit.ema import EMA, PowerEMA, build_ema
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
 from bigdit.engine.blocks import apply_block_options
@@ -40,6 +40,7 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
+from bigdit.snapshots import Snapshots, check_snapshot_every
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -102,6 +103,10 @@ def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
                 f"{run_dir} was trained with {section}={saved.get(section)} but this command asks for {now}; "
                 f"use a new run.dir or the original settings"
             )
+    saved_ema, ema = saved.get("ema", {}).get("name", "ema"), cfg.ema.get("name", "ema")
+    if saved_ema != ema:
+        raise ValueError(f"{run_dir} was trained with ema={saved_ema} but this command asks for ema={ema}; "
+                         f"use a new run.dir or ema={saved_ema}")
 
 
 class StepDraws:
@@ -130,7 +135,7 @@ class Session:
     plan: BatchPlan
     data: Loader
     schedule: Schedule
-    ema: EMA
+    ema: EMA | PowerEMA
     ckpt: Checkpointer
     #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
     empty_context: torch.Tensor | None
@@ -143,7 +148,7 @@ class Session:
         """Write a checkpoint of the current step (collective)."""
         extra = {"data": self.data.state_dict(), "step": self.step, "nimg": self.nimg,
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        self.ckpt.save(self.step, extra, self.ema.state_dict())
+        self.ckpt.save(self.step, extra, self.ema.state_dict(), self.ema.extra_states())
 
 
 def setup(cfg: DictConfig) -> Session:
@@ -153,6 +158,7 @@ def setup(cfg: DictConfig) -> Session:
     check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
+    check_snapshot_every(cfg.ema, plan.global_batch)
     run_dir = Path(cfg.run.dir)
     check_resume_compatible(run_dir, cfg)
     # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
@@ -165,13 +171,13 @@ def setup(cfg: DictConfig) -> Session:
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
-    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
+    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), build_ema(cfg.ema, strategy.ema_targets()),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
                 data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
     restored = s.ckpt.load_latest()
     if restored is not None:
         extra, ema_state = restored
-        s.ema.load_state_dict(ema_state)
+        s.ema.load_state_dict(ema_state, s.ckpt.load_extra_emas(list(s.ema.extra_states())))
         data.load_state_dict(extra["data"])
         s.step, s.nimg = extra["step"], extra["nimg"]
     if strategy.is_main:
@@ -210,7 +216,7 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         strategy.backward(loss / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
     grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
-    s.ema.update([tensor for _, tensor in strategy.ema_targets()])
+    s.ema.update([tensor for _, tensor in strategy.ema_targets()], step + 1)
     return mean_loss, grad_norm, lr
 
 
@@ -241,12 +247,16 @@ def train(cfg: DictConfig) -> None:
                   if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
+    snapshots = (Snapshots(run.dir, strategy, s.ema, cfg.ema.snapshot_every, s.plan.global_batch, run.steps)
+                 if isinstance(s.ema, PowerEMA) else None)
 
     while s.step < run.steps:
         loss, grad_norm, lr = train_step(s, s.step)
         window.add(loss, grad_norm)
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         profiler.step()
+        if snapshots is not None:
+            snapshots.maybe_write(s.step, s.nimg)
         evaluated = evaluation(s.step, run.dir) if evaluation and evaluation.due(s.step) else {}
         window.exclude(evaluated.get("eval_s", 0.0))  # throughput counts training only
         if s.step % run.log_every == 0 or s.step == run.steps:
