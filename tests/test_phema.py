@@ -27,6 +27,9 @@ from bigdit.train import CONFIG_DIR, train
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "tools"))
+import phema as phema_tool  # noqa: E402
+
 SIGMAS = [0.05, 0.10]
 
 
@@ -163,6 +166,11 @@ TINY = ["experiment=demo", "model.hidden_size=32", "model.depth=2", "model.num_h
         "ema=phema", "ema.snapshot_every=32"]
 
 
+def tool_cfg(**overrides):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("phema", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
 def train_here(run_dir: Path, *overrides: str) -> None:
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         train(compose("train", overrides=[*TINY, f"run.dir={run_dir}", *overrides]))
@@ -221,12 +229,11 @@ def test_sharded_two_ranks_equal_one_rank_and_resume_exactly(tmp_path):
 
     outs = {}
     for run in (one, two):
-        tool = [sys.executable, str(REPO / "tools" / "phema.py"), f"run={run}", "sigma_rel=0.08"]
-        proc = subprocess.run(tool, cwd=REPO, capture_output=True, text=True, timeout=200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[run] = run / "export" / "phema-step-000000006" / "sigma-0.080"
-        again = subprocess.run(tool, cwd=REPO, capture_output=True, text=True, timeout=200)
-        assert "complete: skipped" in again.stdout
+        outs[run] = Path(phema_tool.run(tool_cfg(run=run, sigma_rel=0.08))[0.08]["export"])
+        assert outs[run] == run / "export" / "phema-step-000000006" / "sigma-0.080"
+        stamp = (outs[run] / "ema.safetensors").stat().st_mtime_ns
+        phema_tool.run(tool_cfg(run=run, sigma_rel=0.08))  # a rerun skips the finished export
+        assert (outs[run] / "ema.safetensors").stat().st_mtime_ns == stamp
     from safetensors.torch import load_file
 
     x, y = (load_file(outs[r] / "ema.safetensors") for r in (one, two))
@@ -236,6 +243,13 @@ def test_sharded_two_ranks_equal_one_rank_and_resume_exactly(tmp_path):
     meta = json.loads((outs[one] / "phema.json").read_text())
     assert meta["step"] == 6 and len(meta["terms"]) == 3 * len(SIGMAS)
     assert np.isclose(sum(t["coefficient"] for t in meta["terms"]), 1.0)
+
+    # A sweep at an earlier snapshot; the sampling width (0.10) at the last step is the checkpoint's EMA slot.
+    swept = phema_tool.run(tool_cfg(run=one, sweep="[0.05,0.1]", step=4))
+    assert sorted(swept) == SIGMAS and (one / "export" / "phema-step-000000004" / "sweep.json").is_file()
+    last = phema_tool.run(tool_cfg(run=one, sigma_rel=0.1))
+    assert_close_dicts(load_file(Path(last[0.1]["export"]) / "ema.safetensors"),
+                       consolidated_weights(ckpt_one, model_cfg), rtol=2e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ qk_norm

@@ -79,7 +79,7 @@ def export_width(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, sigma_rel:
 def sample_command(cfg: DictConfig, run_cfg: DictConfig, export: Path) -> list[str]:
     """The tools/sample.py command that samples an export for FID (``ckpt=`` with the run's settings and VAE)."""
     settings, _ = sampler_settings(run_cfg, sample_defaults())
-    settings.update(OmegaConf.to_container(cfg.eval.sampler, resolve=True) or {})
+    settings.update(OmegaConf.to_container(cfg.eval.sampler, resolve=True) if cfg.eval.sampler else {})
     _, manifest = run_manifest(run_cfg)
     args = [f"ckpt={export / 'ema.safetensors'}", f"model={hydra_dict(OmegaConf.to_container(run_cfg.model, resolve=True))}",
             f"num_samples={int(cfg.eval.num_samples)}", "labels=balanced", f"batch_size={int(cfg.eval.batch_size)}",
@@ -92,14 +92,23 @@ def sample_command(cfg: DictConfig, run_cfg: DictConfig, export: Path) -> list[s
     return [*launch, str(TOOLS / "sample.py"), *args]
 
 
+def check_scorable(run_cfg: DictConfig) -> None:
+    """FID needs class-conditional RGB samples: refuse text-to-image runs and pixel runs of other channel counts
+    before anything is reconstructed or sampled."""
+    if run_cfg.model.get("context_dim") is not None:
+        raise ValueError("sweep FID is for class-conditional runs; sample a text-to-image export with prompts "
+                         "(tools/sample.py ckpt=... prompts=...) and score it with tools/evaluate.py")
+    _, manifest = run_manifest(run_cfg)
+    if (manifest is None or manifest.vae == "none") and run_cfg.model.in_channels != 3:
+        raise ValueError(f"the run's samples are {run_cfg.model.in_channels}-channel pixels: Inception scores RGB "
+                         f"images (a latent run decodes to RGB); leave eval.ref unset to only reconstruct")
+
+
 def fid_of(cfg: DictConfig, run_cfg: DictConfig, export: Path) -> dict:
     """Sample ``export`` (resumable) and score it against ``eval.ref``: the evaluator's JSON result."""
     from bigdit.evaluation.runner import evaluate
     from bigdit.inference import resolve_device
 
-    if run_cfg.model.get("context_dim") is not None:
-        raise ValueError("sweep FID is for class-conditional runs; sample a text-to-image export with prompts "
-                         "(tools/sample.py ckpt=... prompts=...) and score it with tools/evaluate.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS.parent), os.environ.get("PYTHONPATH")]))}
     subprocess.run(sample_command(cfg, run_cfg, export), check=True, env=env)
     return evaluate(export / "samples" / "samples.npz", cfg.eval.ref, inception_weights=cfg.eval.inception_weights,
@@ -117,6 +126,8 @@ def run(cfg: DictConfig) -> dict[float, dict]:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}/config.yaml not found: run= must be a bigdit run directory")
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.sweep is not None and cfg.eval.ref is not None:
+        check_scorable(run_cfg)
     step = snapshots_until(run_dir, cfg.step)[-1].step  # fails here, naming the snapshot steps
     base = Path(cfg.out) if cfg.out else run_dir / "export" / f"phema-{step_tag(step)}"
     results: dict[float, dict] = {}
