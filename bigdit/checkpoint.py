@@ -61,7 +61,8 @@ def checkpoint_strategy(path: Path) -> dict[str, Any]:
 def write_dir_collective(strategy: Strategy, final: Path, write: Callable[[Path], None]) -> None:
     """Collective: every rank calls ``write(tmp)`` into a fresh temporary directory beside ``final``; when all are
     done, rank 0 adds ``strategy.json`` and renames it to ``final`` (replacing an older one). A crash at any moment
-    leaves ``final`` whole or absent. The caller synchronises afterwards."""
+    leaves ``final`` whole or absent. The caller synchronises afterwards. (The post-hoc EMA snapshots'; a
+    :class:`Checkpointer` does the same with its ``latest`` pointer and rotation.)"""
     tmp = final.parent / f".tmp-{final.name}"
     if strategy.is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -100,15 +101,21 @@ class Checkpointer:
         """Collective: every rank calls it at the same step with its own EMA tensors (and those of the further
         averages, ``EMA.extra_states``, each written by the strategy into the sub-directory of its name)."""
         tag = step_tag(step)
-        final = self.root / tag
-
-        def write(tmp: Path) -> None:
-            self.strategy.save(tmp, extra, ema)
-            for name, state in (extra_emas or {}).items():
-                save_ema_subdir(self.strategy, tmp / name, state)
-
-        write_dir_collective(self.strategy, final, write)
+        final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if self.strategy.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir()
+        self.strategy.barrier()
+        self.strategy.save(tmp, extra, ema)
+        for name, state in (extra_emas or {}).items():
+            save_ema_subdir(self.strategy, tmp / name, state)
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            write_json_atomic(tmp / STRATEGY_FILE, self.strategy.checkpoint_meta(), indent=2)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             write_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
         self.strategy.barrier()
