@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,34 @@ def checkpoint_strategy(path: Path) -> dict[str, Any]:
                             f"or deepspeed/)")
 
 
+def write_dir_collective(strategy: Strategy, final: Path, write: Callable[[Path], None]) -> None:
+    """Collective: every rank calls ``write(tmp)`` into a fresh temporary directory beside ``final``; when all are
+    done, rank 0 adds ``strategy.json`` and renames it to ``final`` (replacing an older one). A crash at any moment
+    leaves ``final`` whole or absent. The caller synchronises afterwards. (The post-hoc EMA snapshots'; a
+    :class:`Checkpointer` does the same with its ``latest`` pointer and rotation.)"""
+    tmp = final.parent / f".tmp-{final.name}"
+    if strategy.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        tmp.mkdir()
+    strategy.barrier()
+    write(tmp)
+    strategy.barrier()
+    if strategy.is_main:
+        write_json_atomic(tmp / STRATEGY_FILE, strategy.checkpoint_meta(), indent=2)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def save_ema_subdir(strategy: Strategy, directory: Path, ema: dict[str, Any]) -> None:
+    """Collective: ``strategy.save_ema`` into the new sub-directory ``directory`` (made by rank 0)."""
+    if strategy.is_main:
+        directory.mkdir()
+    strategy.barrier()
+    strategy.save_ema(directory, ema)
+
+
 class Checkpointer:
     """Saves and restores the strategy's state plus ``extra`` (EMA, counters, config), keeping the last K."""
 
@@ -84,8 +113,10 @@ class Checkpointer:
         self.strategy = strategy
         self.keep = keep
 
-    def save(self, step: int, extra: dict[str, Any], ema: dict[str, Any]) -> Path:
-        """Collective: every rank calls it at the same step with its own EMA tensors."""
+    def save(self, step: int, extra: dict[str, Any], ema: dict[str, Any],
+             extra_emas: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Collective: every rank calls it at the same step with its own EMA tensors (and those of the further
+        averages, ``EMA.extra_states``, each written by the strategy into the sub-directory of its name)."""
         tag = step_tag(step)
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if self.strategy.is_main:
@@ -96,6 +127,8 @@ class Checkpointer:
         self.strategy.barrier()
         try:
             self.strategy.save(tmp, extra, ema)
+            for name, state in (extra_emas or {}).items():
+                save_ema_subdir(self.strategy, tmp / name, state)
             problem = None
         except Exception as e:
             # torch.save reports a full disk as a RuntimeError from its C++ writer ("iostream error"), not ENOSPC
@@ -181,6 +214,14 @@ class Checkpointer:
         if step is not None and self.strategy.is_main:
             self._abandon_after(path)
         return restored
+
+    def load_extra_emas(self, names: list[str], step: int | None = None) -> dict[str, dict[str, Any]]:
+        """This rank's tensors of the further averages ``names`` that the latest checkpoint (or the one of ``step``)
+        holds (resharded by the strategy); absent ones are left out, for the EMA to name."""
+        path = latest_checkpoint(self.root) if step is None else self.root / step_tag(step)
+        if path is None:
+            return {}
+        return {name: self.strategy.load_ema(path / name) for name in names if (path / name).is_dir()}
 
     def _steps(self) -> str:
         steps = [int(p.name.split("-")[1]) for p in sorted(self.root.glob("step-*")) if p.is_dir()]

@@ -27,7 +27,7 @@ from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
 from bigdit.diffusion import Schedule, make_schedule, q_sample, timesteps_from_uniform, training_losses
-from bigdit.ema import EMA
+from bigdit.ema import EMA, PowerEMA, build_ema
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
 from bigdit.engine.blocks import apply_block_options
@@ -41,6 +41,7 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
+from bigdit.snapshots import Snapshots, check_snapshot_every
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 #: run.nonfinite: skip a non-finite step (stop after run.max_skipped in a row), stop at the first, or no check
@@ -111,11 +112,17 @@ def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     for section in ("model", "diffusion"):
         now = OmegaConf.to_container(cfg[section], resolve=True)
-        if saved.get(section) != now:
+        # a switch added after the run was saved (e.g. model.qk_norm) reads as off in the older config
+        was = {**{k: v for k, v in now.items() if v in (False, None)}, **saved.get(section, {})}
+        if was != now:
             raise ValueError(
                 f"{run_dir} was trained with {section}={saved.get(section)} but this command asks for {now}; "
                 f"use a new run.dir or the original settings"
             )
+    saved_ema, ema = saved.get("ema", {}).get("name", "ema"), cfg.ema.get("name", "ema")
+    if saved_ema != ema:
+        raise ValueError(f"{run_dir} was trained with ema={saved_ema} but this command asks for ema={ema}; "
+                         f"use a new run.dir or ema={saved_ema}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ class Session:
     plan: BatchPlan
     data: Loader
     schedule: Schedule
-    ema: EMA
+    ema: EMA | PowerEMA
     ckpt: Checkpointer
     #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
     empty_context: torch.Tensor | None
@@ -177,7 +184,7 @@ class Session:
         """Write a checkpoint of the current step (collective)."""
         extra = {"data": self.data.state_dict(), "step": self.step, "nimg": self.nimg,
                  "skipped_steps": self.skipped_steps, "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        self.ckpt.save(self.step, extra, self.ema.state_dict())
+        self.ckpt.save(self.step, extra, self.ema.state_dict(), self.ema.extra_states())
 
     def count_skip(self, applied: bool) -> str | None:
         """Count a step whose update was (not) applied; return why training must stop now, or None. The same on
@@ -205,6 +212,7 @@ def setup(cfg: DictConfig) -> Session:
     check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
+    check_snapshot_every(cfg.ema, plan.global_batch)
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
     check_resume_compatible(run_dir, cfg)
@@ -218,13 +226,13 @@ def setup(cfg: DictConfig) -> Session:
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
-    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
+    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), build_ema(cfg.ema, strategy.ema_targets()),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
                 data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
     restored = s.ckpt.load_latest(cfg.run.resume_step)
     if restored is not None:
         extra, ema_state = restored
-        s.ema.load_state_dict(ema_state)
+        s.ema.load_state_dict(ema_state, s.ckpt.load_extra_emas(list(s.ema.extra_states()), cfg.run.resume_step))
         data.load_state_dict(extra["data"])
         s.step, s.nimg, s.skipped_steps = extra["step"], extra["nimg"], extra.get("skipped_steps", 0)
     if strategy.is_main:
@@ -263,7 +271,7 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         mean_loss += loss.detach() / plan.accum_steps
     grad_norm, applied = strategy.optimizer_step(cfg.optim.grad_clip, skip_nonfinite=cfg.run.nonfinite != "off")
     if applied:
-        s.ema.update([tensor for _, tensor in strategy.ema_targets()])
+        s.ema.update([tensor for _, tensor in strategy.ema_targets()], step + 1)
     return mean_loss, grad_norm, lr, applied
 
 
@@ -295,6 +303,8 @@ def train(cfg: DictConfig) -> None:
                   if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
+    snapshots = (Snapshots(run.dir, strategy, s.ema, cfg.ema.snapshot_every, s.plan.global_batch, run.steps)
+                 if isinstance(s.ema, PowerEMA) else None)
 
     while s.step < run.steps:
         loss, grad_norm, lr, applied = train_step(s, s.step)
@@ -302,6 +312,8 @@ def train(cfg: DictConfig) -> None:
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         halt = s.count_skip(applied)  # why non-finite steps stop the run now, or None
         profiler.step()
+        if snapshots is not None:
+            snapshots.maybe_write(s.step, s.nimg)
         evaluated = evaluation(s.step, run.dir) if evaluation and evaluation.due(s.step) else {}
         window.exclude(evaluated.get("eval_s", 0.0))  # throughput counts training only
         if s.step % run.log_every == 0 or s.step == run.steps or halt:

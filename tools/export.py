@@ -17,7 +17,6 @@ strategy that wrote it (``bigdit.export.consolidated_weights``), and writes, wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -25,25 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import bigdit  # noqa: F401
 from bigdit.checkpoint import latest_checkpoint, step_tag
-from bigdit.export import consolidated_weights
+from bigdit.export import (consolidated_weights, safetensors_usage, sample_defaults, write_model_card,
+                           write_safetensors)
 from bigdit.models import build_model
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 FORMATS = ("safetensors", "diffusers")
-
-
-def _hydra_dict(cfg: dict) -> str:
-    """``{name: DiT-S/2, input_size: 8, ...}``: a model config as a tools/sample.py ``model=`` override."""
-    def value(v):
-        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-    return "{" + ", ".join(f"{k}: {value(v)}" for k, v in cfg.items()) + "}"
-
-
-def _sample_defaults() -> dict:
-    """tools/sample.py's sampler defaults (what it uses when a run preset has no ``sample:`` section), and eta."""
-    from bigdit.inference import DEFAULT_SETTINGS
-
-    return {**DEFAULT_SETTINGS, "eta": OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml").eta}
 
 
 def _diffusers_notes(model, betas_len: int, settings_guidance: str | None) -> str:
@@ -79,30 +65,10 @@ def _diffusers_notes(model, betas_len: int, settings_guidance: str | None) -> st
 def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, model, ckpt: Path, out: Path,
                        manifest, settings: dict) -> str:
     """``ema.safetensors`` (+ ``model.safetensors``), ``model_config.json``, ``ema.pt`` for DiT; returns the usage."""
-    import torch
-    from safetensors.torch import save_file
-
-    model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
-    (out / "model_config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
-    for which in ("model", "ema") if cfg.raw else ("ema",):
-        weights = consolidated_weights(ckpt, run_cfg.model, which)
-        model.load_state_dict(weights, strict=True)  # refuse to write a partial export
-        save_file({k: v.contiguous() for k, v in weights.items()}, out / f"{which}.safetensors")
-        if which == "ema" and model_cfg["name"].startswith("DiT-"):
-            torch.save(weights, out / "ema.pt")
-    # with ckpt= tools/sample.py knows neither the run's preset nor its shards: the card spells them out
-    args = " ".join(f"{k}={v}" for k, v in settings.items())
-    if manifest is not None and manifest.vae != "none":
-        args += f" vae={manifest.vae} vae_scale={manifest.scaling_factor}"
-    return f"""```python
-import json
-from bigdit.models import build_model, load_weights
-
-model = load_weights(build_model(**json.load(open("model_config.json"))), "ema.safetensors").eval()
-```
-
-or `python tools/sample.py ckpt={out}/ema.safetensors 'model={_hydra_dict(model_cfg)}' {args}`,
-or `python tools/sample.py run={run_dir}` where the run is at hand."""
+    weights = {which: consolidated_weights(ckpt, run_cfg.model, which) for which in
+               (("model", "ema") if cfg.raw else ("ema",))}
+    write_safetensors(out, run_cfg.model, model, weights)
+    return safetensors_usage(out, run_cfg.model, settings, manifest, run_dir)
 
 
 def export_diffusers(run_cfg: DictConfig, model, ckpt: Path, out: Path, manifest, vae: str,
@@ -139,7 +105,7 @@ def run(cfg: DictConfig) -> Path:
     """Export ``cfg.run``'s checkpoint as ``cfg.format`` into ``cfg.out``; returns the export directory."""
     import torch
 
-    from bigdit.model_card import model_card, run_manifest, sampler_settings
+    from bigdit.model_card import run_manifest, sampler_settings
 
     fmt = cfg.get("format", "safetensors")
     if fmt not in FORMATS:
@@ -167,17 +133,15 @@ def run(cfg: DictConfig) -> Path:
         raise FileNotFoundError(f"no checkpoint {'latest' if cfg.step is None else step_tag(cfg.step)} in {ckpt_root}")
     out = Path(cfg.out) if cfg.out else run_dir / "export" / (ckpt.name + ("-diffusers" if fmt == "diffusers" else ""))
     out.mkdir(parents=True, exist_ok=True)
-    defaults = _sample_defaults()
+    defaults = sample_defaults()
     settings, _ = sampler_settings(run_cfg, defaults)
     model = build_model(**model_cfg)
     if fmt == "safetensors":
         usage, notes = export_safetensors(cfg, run_dir, run_cfg, model, ckpt, out, manifest, settings), ""
     else:
         usage, notes = export_diffusers(run_cfg, model, ckpt, out, manifest, vae, settings)
-    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "README.md")
-    (out / "README.md").write_text(model_card(run_dir=run_dir, run_cfg=run_cfg, model=model, ckpt=ckpt, fmt=fmt,
-                                              files=[*files, "README.md"], sample_defaults=defaults, usage=usage,
-                                              notes=notes))
+    write_model_card(out, run_dir=run_dir, run_cfg=run_cfg, model=model, ckpt=ckpt, fmt=fmt, sample_defaults=defaults,
+                     usage=usage, notes=notes)
     print(f"exported {ckpt} -> {out} ({fmt})")
     return out
 

@@ -184,6 +184,18 @@ class Strategy(ABC):
         """Restore model and optimizer from ``directory``; return ``extra`` and this rank's EMA tensors,
         resharded to the current world size where the strategy supports it."""
 
+    @abstractmethod
+    def save_ema(self, directory: Path, ema: dict[str, torch.Tensor]) -> None:
+        """Write only this rank's ``ema`` tensors (as from :meth:`ema_targets`, any dtype) into the existing
+        ``directory``, in the strategy's EMA format: :meth:`load_ema` reads them back (resharded) and
+        :meth:`consolidate` (``which="ema"``) reads them whole offline. Collective. For the further averages a
+        checkpoint keeps (``EMA.extra_states``) and the post-hoc EMA snapshots."""
+
+    @abstractmethod
+    def load_ema(self, directory: Path) -> dict[str, torch.Tensor]:
+        """This rank's EMA tensors (fp32, on the device) from a :meth:`save_ema` directory, resharded to the
+        current world size where the strategy supports it."""
+
     #: the :meth:`checkpoint_meta` fields a resumed run must share with the checkpoint (the world size may
     #: change where the strategy reshards; the layout may not)
     resume_keys: tuple[str, ...] = ("name",)

@@ -65,6 +65,15 @@ class DDPStrategy(Strategy):
         self.optimizer.load_state_dict(state.pop("optimizer"))
         return state, state.pop("ema")
 
+    def save_ema(self, directory: Path, ema: dict[str, torch.Tensor]) -> None:
+        # Replicas are identical: rank 0's file is the whole EMA, readable by consolidate() as a state.pt.
+        if self.is_main:
+            torch.save({"ema": ema}, directory / STATE_FILE)
+        self.barrier()
+
+    def load_ema(self, directory: Path) -> dict[str, torch.Tensor]:
+        return {n: t.float() for n, t in _read_state(directory, self.device)["ema"].items()}
+
     @classmethod
     def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
                     which: str = "ema") -> dict[str, torch.Tensor]:

@@ -164,30 +164,39 @@ class DeepSpeedStrategy(Strategy):
 
     def save(self, directory: Path, extra: dict[str, Any], ema: dict[str, torch.Tensor]) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG)
-        if self.zero_stage == 3 or self.is_main:
-            torch.save({"world_size": self.info.world_size, "zero_stage": self.zero_stage, "ema": ema},
-                       directory / self._ema_file())
+        self.save_ema(directory, ema)
         if self.is_main:
             torch.save(extra, directory / EXTRA_FILE)
         self.barrier()
+
+    def save_ema(self, directory: Path, ema: dict[str, torch.Tensor]) -> None:
+        if self.zero_stage == 3 or self.is_main:
+            torch.save({"world_size": self.info.world_size, "zero_stage": self.zero_stage, "ema": ema},
+                       directory / self._ema_file())
+        self.barrier()
+
+    def _saved_world(self, directory: Path) -> int:
+        """The world size ``directory``'s EMA was saved with (rank 0's EMA file exists whatever it was)."""
+        first = directory / (_zero3_ema_file(0) if self.zero_stage == 3 else EMA_FILE)
+        if not first.is_file():
+            raise FileNotFoundError(f"{first} is missing: the checkpoint was written with another ZeRO stage; "
+                                    f"resume with the original strategy.zero_stage")
+        return torch.load(first, map_location="cpu", weights_only=True)["world_size"]
+
+    def load_ema(self, directory: Path) -> dict[str, torch.Tensor]:
+        if self._saved_world(directory) != self.info.world_size and self.zero_stage == 3:
+            return self._repartition_ema(directory)
+        ema = torch.load(directory / self._ema_file(), map_location=self.device, weights_only=True)["ema"]
+        return {n: t.float() for n, t in ema.items()}
 
     def load(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if not (directory / TAG).is_dir() or not (directory / EXTRA_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/ or {EXTRA_FILE}); "
                                     f"it was written by another strategy: resume with that strategy")
-        # Rank 0's EMA file exists whatever the world size now is; it records the world size it was saved with.
-        first = directory / (_zero3_ema_file(0) if self.zero_stage == 3 else EMA_FILE)
-        if not first.is_file():
-            raise FileNotFoundError(f"{first} is missing: the checkpoint was written with another ZeRO stage; "
-                                    f"resume with the original strategy.zero_stage")
-        saved_world = torch.load(first, map_location="cpu", weights_only=True)["world_size"]
-        tag, ema = TAG, None
-        if saved_world != self.info.world_size:
+        tag = TAG
+        if self._saved_world(directory) != self.info.world_size:
             tag = self._to_universal(directory)
-            if self.zero_stage == 3:
-                ema = self._repartition_ema(directory)
-        if ema is None:
-            ema = torch.load(directory / self._ema_file(), map_location=self.device, weights_only=True)["ema"]
+        ema = self.load_ema(directory)
         load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
@@ -231,7 +240,8 @@ class DeepSpeedStrategy(Strategy):
     def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],
                     which: str = "ema") -> dict[str, torch.Tensor]:
         directory = Path(directory)
-        if not (directory / TAG).is_dir():
+        has_ema = (directory / EMA_FILE).is_file() or (directory / _zero3_ema_file(0)).is_file()
+        if not (directory / TAG).is_dir() and not (which == "ema" and has_ema):  # save_ema directories hold EMA only
             raise FileNotFoundError(f"{directory} is not a DeepSpeed checkpoint (no {TAG}/)")
         if which == "model":
             # DeepSpeed's own offline merge of the fp32 master weights from the ZeRO partitions (any stage).

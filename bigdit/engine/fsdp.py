@@ -98,12 +98,28 @@ class FSDP2Strategy(Strategy):
             raise FileNotFoundError(f"{directory} is not an FSDP2 checkpoint (no DCP .metadata/{EXTRA_FILE}); "
                                     f"it was written by another strategy: resume with that strategy")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        ema = {n: torch.empty_like(t, dtype=torch.float32) for n, t in self.ema_targets()}
+        ema = self._empty_ema()
         state = {"model": model_sd, "optimizer": optim_sd, "ema": self._as_dtensors(ema)}
         dcp.load(state, checkpoint_id=directory)  # fills the local shards in place, resharding as needed
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         extra = torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
         return extra, ema
+
+    def _empty_ema(self) -> dict[str, torch.Tensor]:
+        return {n: torch.empty_like(t, dtype=torch.float32) for n, t in self.ema_targets()}
+
+    def save_ema(self, directory: Path, ema: dict[str, torch.Tensor]) -> None:
+        # A DCP checkpoint holding only "ema": every rank writes its shards, consolidate() reads it like a full one.
+        dcp.save({"ema": self._as_dtensors(ema)}, checkpoint_id=directory)
+        self.barrier()
+
+    def load_ema(self, directory: Path) -> dict[str, torch.Tensor]:
+        if not (directory / ".metadata").is_file():
+            raise FileNotFoundError(f"{directory} holds no FSDP2 EMA (no DCP .metadata): it was written by another "
+                                    f"strategy; resume with that strategy")
+        ema = self._empty_ema()
+        dcp.load({"ema": self._as_dtensors(ema)}, checkpoint_id=directory)  # reshards, casts to the fp32 targets
+        return ema
 
     @classmethod
     def consolidate(cls, directory: Path, param_shapes: dict[str, torch.Size],

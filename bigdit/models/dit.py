@@ -52,13 +52,14 @@ class DiTBlock(nn.Module):
     (N, S, D) sits between self-attention and MLP; without it the block is the official one.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
         # Plain attributes when None, so the class form's parameters and state dict stay the official ones.
         self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attention else None
-        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if cross_attention else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -108,6 +109,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         context_dim: int | None = None,
         context_tokens: int = 77,
+        qk_norm: bool = False,
     ):
         super().__init__()
         grid = patch_grid(input_size, patch_size)
@@ -131,7 +133,8 @@ class DiT(nn.Module):
         # A frozen parameter, not a buffer: the official checkpoints store it under this key.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
         text = context_dim is not None
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, text) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, text, qk_norm)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -92,20 +92,52 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention`` (flash/memory-efficient kernels)."""
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learnable per-channel scale (ones at init), computed in
+    fp32 whatever the input dtype: under bf16 autocast the sum of squares of a long head vector would otherwise
+    round, which is what qk-norm is there to keep finite."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def qk_norms(head_dim: int, enabled: bool) -> tuple[RMSNorm | None, RMSNorm | None]:
+    """``(q_norm, k_norm)`` of an attention with ``qk_norm`` (timm's and SD3's per-head RMS norm of queries and
+    keys, which bounds the attention logits), or ``(None, None)``: plain attributes, so the default model's
+    parameters and state dict stay the published ones."""
+    return (RMSNorm(head_dim), RMSNorm(head_dim)) if enabled else (None, None)
+
+
+def apply_qk_norm(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q``/``k`` (N, heads, T, head_dim) through ``module``'s ``q_norm``/``k_norm`` when it has them."""
+    if module.q_norm is None:
+        return q, k
+    return module.q_norm(q), module.k_norm(k)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention`` (flash/memory-efficient kernels);
+    ``qk_norm`` adds per-head RMS norms on queries and keys (``q_norm``/``k_norm``, timm's names)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm, self.k_norm = qk_norms(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_qk_norm(self, q, k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
@@ -136,13 +168,14 @@ class CrossAttention(nn.Module):
     as its time-only counterpart.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_linear = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.q_norm, self.k_norm = qk_norms(dim // num_heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -150,6 +183,7 @@ class CrossAttention(nn.Module):
         heads = self.num_heads
         q = self.q_linear(x).view(n, t, heads, d // heads).transpose(1, 2)
         k, v = self.kv_linear(context).view(n, context.shape[1], 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_qk_norm(self, q, k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 

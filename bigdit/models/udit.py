@@ -46,12 +46,14 @@ from bigdit.models.layers import (
     LabelEmbedder,
     Mlp,
     TimestepEmbedder,
+    apply_qk_norm,
     caption_embedder_macs,
     check_context,
     check_input,
     check_text_form,
     cross_attention_macs,
     init_text_conditioning,
+    qk_norms,
 )
 
 #: The official clamp on the attention temperature's log (log 100, rounded as the official code has it).
@@ -116,15 +118,20 @@ class DownsampledAttention(nn.Module):
     (r % f, c % f) at position (r // f, c // f)); each attends only within itself, then outputs go back
     to their pixels. Logits are cos(q, k) * exp(min(logit_scale, log 100)) per head; we fold the
     temperature into q and call ``scaled_dot_product_attention`` with ``scale=1``.
+
+    ``qk_norm``: per-head RMS norms of q and k before RoPE, as in the other backbones. The cosine already bounds
+    these logits, so here the norms act as a learned per-channel weighting of the similarity; they are applied
+    anyway so that ``model.qk_norm`` means the same in every attention of every backbone.
     """
 
-    def __init__(self, dim: int, num_heads: int, down_factor: int = 2):
+    def __init__(self, dim: int, num_heads: int, down_factor: int = 2, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.down_factor = down_factor
         self.to_qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm, self.k_norm = qk_norms(dim // num_heads, qk_norm)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.downsampler = TokenDownsampler(dim)
@@ -143,6 +150,7 @@ class DownsampledAttention(nn.Module):
         # (n, d, h, f, w, f) -> (n, f, f, h, w, d): one batch entry per sub-grid, tokens row-major inside it.
         tokens = x.view(n, d, h, f, w, f).permute(0, 3, 5, 2, 4, 1).reshape(n * f * f, h * w, d)
         q, k, v = self.to_qkv(tokens).view(n * f * f, h * w, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_qk_norm(self, q, k)
         cos, sin = rope_2d_angles(d // heads, h, w, device=x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         temperature = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp().to(q.dtype)  # (heads, 1, 1)
@@ -248,20 +256,21 @@ class UDiTBlock(nn.Module):
         down_factor: int = 2,
         rep: bool = True,
         cross_attention: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__()
         ffn = RepFFN if rep else DeployFFN
-        self.attn1 = DownsampledAttention(dim, num_heads, down_factor)
+        self.attn1 = DownsampledAttention(dim, num_heads, down_factor, qk_norm)
         self.mlp1 = ffn(dim, mlp_ratio)
         self.adaLN_modulation1 = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.attn2 = DownsampledAttention(dim, num_heads, down_factor)
+        self.attn2 = DownsampledAttention(dim, num_heads, down_factor, qk_norm)
         self.mlp2 = ffn(dim, mlp_ratio)
         self.adaLN_modulation2 = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         # Plain attributes when None, so the class form's parameters and state dict stay the official ones.
         self.norm_cross1 = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
-        self.cross_attn1 = CrossAttention(dim, num_heads) if cross_attention else None
+        self.cross_attn1 = CrossAttention(dim, num_heads, qk_norm=qk_norm) if cross_attention else None
         self.norm_cross2 = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
-        self.cross_attn2 = CrossAttention(dim, num_heads) if cross_attention else None
+        self.cross_attn2 = CrossAttention(dim, num_heads, qk_norm=qk_norm) if cross_attention else None
 
     def macs(self, side: int, context: int) -> int:
         """Multiply-adds on a ``side`` x ``side`` map; ``context``: caption tokens the text form attends to.
@@ -367,6 +376,7 @@ class UDiT(nn.Module):
         rep: bool = True,
         context_dim: int | None = None,
         context_tokens: int = 77,
+        qk_norm: bool = False,
     ):
         super().__init__()
         depth = list(depth)
@@ -391,7 +401,7 @@ class UDiT(nn.Module):
         c = hidden_size
         block = partial(
             UDiTBlock, num_heads=num_heads, mlp_ratio=mlp_ratio, down_factor=down_factor, rep=rep,
-            cross_attention=context_dim is not None,
+            cross_attention=context_dim is not None, qk_norm=qk_norm,
         )
 
         self.x_embedder = PatchEmbed3x3(in_channels, c)

@@ -42,10 +42,11 @@ from bigdit.models.layers import (
 class UViTBlock(nn.Module):
     """Pre-norm transformer block; with ``skip`` it first fuses a long-skip input: linear([x | skip])."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, skip: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, skip: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim)
         # U-ViT uses timm's Mlp with the exact (erf) GELU, unlike DiT's tanh approximation.
         self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
@@ -86,6 +87,7 @@ class UViT(nn.Module):
         context_dim: int | None = None,
         context_tokens: int = 77,
         learn_sigma: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if learn_sigma:
@@ -120,7 +122,7 @@ class UViT(nn.Module):
             self.extras = 1  # [time | patches]
         # Learned (and trained) positions over all tokens, extras included.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + grid * grid, hidden_size))
-        block = partial(UViTBlock, hidden_size, num_heads, mlp_ratio, qkv_bias)
+        block = partial(UViTBlock, hidden_size, num_heads, mlp_ratio, qkv_bias, qk_norm=qk_norm)
         self.in_blocks = nn.ModuleList([block() for _ in range(depth // 2)])
         self.mid_block = block()
         self.out_blocks = nn.ModuleList([block(skip=skip) for _ in range(depth // 2)])
