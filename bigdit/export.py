@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from bigdit.checkpoint import checkpoint_strategy
 from bigdit.engine import strategy_class
 from bigdit.models import build_model
+from bigdit.repa import PROJECTOR
 
 
 def param_shapes(model_cfg: DictConfig) -> dict[str, torch.Size]:
@@ -25,9 +26,11 @@ def param_shapes(model_cfg: DictConfig) -> dict[str, torch.Size]:
 
 
 def consolidated_weights(ckpt_dir: str | Path, model_cfg: DictConfig, which: str = "ema") -> dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 ``ema`` or ``model`` weights from the checkpoint directory ``ckpt_dir``."""
+    """Full (unsharded) fp32 ``ema`` or ``model`` weights of the model ``model_cfg`` from the checkpoint directory
+    ``ckpt_dir``; training-only modules (REPA's projector, :data:`bigdit.repa.PROJECTOR`) are dropped."""
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt_dir = Path(ckpt_dir)
     strategy = strategy_class(checkpoint_strategy(ckpt_dir)["name"])
-    return strategy.consolidate(ckpt_dir, param_shapes(model_cfg), which)
+    weights = strategy.consolidate(ckpt_dir, param_shapes(model_cfg), which)
+    return {k: v for k, v in weights.items() if not k.startswith(f"{PROJECTOR}.")}

@@ -27,33 +27,39 @@ class MetricsWindow:
     :meth:`add` only adds device tensors (no host sync inside a step); :meth:`read` reduces the window over
     ranks in one collective and reads it back once, at log steps. Losses are averaged over ranks (each holds
     the loss of its own samples); the gradient norm is already global; bad samples (counted on the host by
-    each rank's loader, cumulative) are summed over ranks in the same collective.
+    each rank's loader, cumulative) are summed over ranks in the same collective. ``extra`` names further
+    per-rank losses (e.g. REPA's ``repa_loss``), averaged like the loss and read back in the same collective.
     """
 
-    def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int):
+    def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int,
+                 extra: tuple[str, ...] = ()):
         self.reduce_mean = reduce_mean
         self.world_size = world_size
-        self.sums = torch.zeros(4, device=device)  # loss, grad norm, steps, bad samples
+        self.extra = tuple(extra)
+        self.sums = torch.zeros(4 + len(self.extra), device=device)  # loss, grad norm, steps, bad samples, extra
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Account one optimizer step."""
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Account one optimizer step (``extra``: a value for each name of the window's ``extra``)."""
         self.sums[0] += loss
         self.sums[1] += grad_norm
         self.sums[2] += 1
+        for i, name in enumerate(self.extra):
+            self.sums[4 + i] += extra[name]
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (e.g. an evaluation) out of the window's wall time."""
         self.start += seconds
 
     def read(self, bad_samples: int) -> dict[str, float]:
-        """Means over the window (``loss``, ``grad_norm``), its ``steps`` and wall time ``seconds``, and the run's
-        ``bad_samples`` over all ranks; then start a new window. Collective."""
+        """Means over the window (``loss``, ``grad_norm``, and ``extra`` as a dict), its ``steps`` and wall time
+        ``seconds``, and the run's ``bad_samples`` over all ranks; then start a new window. Collective."""
         self.sums[3] = bad_samples
-        loss, grad_norm, steps, bad = self.reduce_mean(self.sums.clone()).tolist()
+        loss, grad_norm, steps, bad, *extra = self.reduce_mean(self.sums.clone()).tolist()
         now = time.perf_counter()
         out = {"loss": loss / steps, "grad_norm": grad_norm / steps, "steps": steps, "seconds": now - self.start,
-               "bad_samples": round(bad * self.world_size)}
+               "bad_samples": round(bad * self.world_size),
+               "extra": {name: value / steps for name, value in zip(self.extra, extra)}}
         self.sums.zero_()
         self.start = now
         return out

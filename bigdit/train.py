@@ -12,6 +12,8 @@ not depend on how the global batch is split.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
+from bigdit.repa import HiddenTap, alignment_loss, alignment_weight, attach_projector, check_repa_data, repa_enabled
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -90,12 +93,14 @@ def dropout_probability(cfg: DictConfig) -> float:
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
-    """A run directory holds one model: refuse to resume it with a different model or diffusion."""
+    """A run directory holds one model: refuse to resume it with a different model, diffusion or REPA setup."""
     saved_path = run_dir / "config.yaml"
     if latest_checkpoint(run_dir / "checkpoints") is None or not saved_path.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-    for section in ("model", "diffusion"):
+    for section in ("model", "diffusion", "repa"):
+        if section == "repa" and section not in saved:  # runs from before REPA: none
+            saved[section] = {"enabled": False}
         now = OmegaConf.to_container(cfg[section], resolve=True)
         if saved.get(section) != now:
             raise ValueError(
@@ -138,12 +143,27 @@ class Session:
     drop_prob: float
     step: int = 0
     nimg: int = 0
+    #: REPA's projected hidden state (repa=on), None without REPA
+    repa: HiddenTap | None = None
 
     def checkpoint(self) -> None:
         """Write a checkpoint of the current step (collective)."""
         extra = {"data": self.data.state_dict(), "step": self.step, "nimg": self.nimg,
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
         self.ckpt.save(self.step, extra, self.ema.state_dict())
+
+
+def build_loader(cfg: DictConfig, plan: BatchPlan, rank: int) -> Loader:
+    """This rank's ``cfg.data`` loader; with REPA it also delivers the shards' REPA features (``repa_feats``)."""
+    make = instantiate(cfg.data, _partial_=True)  # _partial_ keeps hydra from turning the BatchPlan into a config
+    extra = {}
+    if repa_enabled(cfg):
+        if "repa_feats" not in inspect.signature(make.func).parameters:
+            raise ValueError(f"repa=on aligns to REPA features stored in shards, but data={cfg.data._target_} reads "
+                             f"none: encode with tools/encode_latents.py repa_encoder={cfg.repa.encoder} and train "
+                             f"with data=wds or data=mds on its output (or repa=none)")
+        extra["repa_feats"] = True
+    return make(plan=plan, rank=rank, seed=cfg.run.seed, **extra)
 
 
 def setup(cfg: DictConfig) -> Session:
@@ -155,19 +175,23 @@ def setup(cfg: DictConfig) -> Session:
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
     check_resume_compatible(run_dir, cfg)
-    # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
-    data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
+    data = build_loader(cfg, plan, strategy.info.rank)
     check_model_matches_data(cfg.model, data)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = apply_block_options(build_model(**cfg.model), cfg.run.activation_checkpointing, cfg.run.compile)
+    model = build_model(**cfg.model)
+    tap = None
+    if repa_enabled(cfg):  # the projector joins the model before any strategy wraps it
+        check_repa_data(cfg.repa, data.repa, attach_projector(model, cfg.repa), cfg.data._target_)
+        tap = HiddenTap(model, int(cfg.repa.depth))
+    model = apply_block_options(model, cfg.run.activation_checkpointing, cfg.run.compile)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
     s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
-                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
+                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), repa=tap)
     restored = s.ckpt.load_latest()
     if restored is not None:
         extra, ema_state = restored
@@ -187,9 +211,16 @@ def setup(cfg: DictConfig) -> Session:
     return s
 
 
-def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean loss
-    and the global gradient norm as device tensors (no host sync), and the learning rate used."""
+def alignment(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """REPA's alignment loss of a micro-batch: the projected hidden state of its forward against its features."""
+    target = batch["repa_feats"].to(s.strategy.device, non_blocking=True).float()
+    return alignment_loss(s.repa.take().float(), target).mean()
+
+
+def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+    """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean
+    (diffusion) loss and the global gradient norm as device tensors (no host sync), the learning rate used, and
+    further per-rank losses by name (REPA's ``repa_loss``)."""
     cfg, strategy, plan = s.cfg, s.strategy, s.plan
     device, rank = strategy.device, strategy.info.rank
     lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
@@ -197,21 +228,28 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         group["lr"] = lr
     draws = StepDraws(cfg.run.seed, step, plan, s.data.sample_shape, s.schedule.num_timesteps, s.drop_prob, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
-    mean_loss = torch.zeros((), device=device)
+    mean_loss, mean_align = torch.zeros((), device=device), torch.zeros((), device=device)
+    # After repa.stop_step the weight is 0 but the term stays in the graph: every strategy then still sees the
+    # projector's parameters used (DDP would stop on unused ones), and repa_loss keeps being logged.
+    weight = alignment_weight(step, cfg.repa.coeff, cfg.repa.stop_step) if s.repa else 0.0
     for micro, batch in enumerate(s.data.micro_batches(step)):
         span = plan.span(rank, micro)
         x0 = batch["x"].to(device, non_blocking=True)
         y = conditioning(batch, draws.drop[span], s.empty_context, device)
         t, noise = draws.t[span], draws.noise[span]
         xt = q_sample(s.schedule, x0, t, noise)
-        with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
+        with (strategy.no_sync(micro < plan.accum_steps - 1), autocast,
+              s.repa.capture() if s.repa else contextlib.nullcontext()):
             out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
         loss = training_losses(s.schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
-        strategy.backward(loss / plan.accum_steps)
+        align = alignment(s, batch) if s.repa else None
+        strategy.backward((loss if align is None else loss + weight * align) / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
+        if align is not None:
+            mean_align += align.detach() / plan.accum_steps
     grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
     s.ema.update([tensor for _, tensor in strategy.ema_targets()])
-    return mean_loss, grad_norm, lr
+    return mean_loss, grad_norm, lr, ({"repa_loss": mean_align} if s.repa else {})
 
 
 def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: float | None,
@@ -220,7 +258,8 @@ def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: f
     img_per_s = s.plan.global_batch * window["steps"] / window["seconds"]
     record = {"step": s.step, "nimg": s.nimg, "loss": window["loss"], "lr": lr, "grad_norm": window["grad_norm"],
               "img_per_s": img_per_s, "step_time_s": window["seconds"] / window["steps"],
-              "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"]}
+              "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"],
+              **window["extra"]}
     if flops_per_img:
         record["tflops_per_gpu"] = img_per_s * flops_per_img / s.strategy.info.world_size / 1e12
         record["mfu"] = record["tflops_per_gpu"] / peak_tflops
@@ -234,7 +273,8 @@ def train(cfg: DictConfig) -> None:
     log = MetricsLog(Path(run.dir) / "metrics.jsonl", s.step) if strategy.is_main else None
     trackers = Trackers(run.loggers if strategy.is_main else [], run.dir, OmegaConf.to_container(cfg, resolve=True),
                         s.step, OmegaConf.to_container(run.wandb, resolve=True))
-    window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
+    window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size,
+                           extra=("repa_loss",) if s.repa else ())
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
     evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.schedule, on_grid=trackers.log_image)
@@ -243,8 +283,8 @@ def train(cfg: DictConfig) -> None:
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
 
     while s.step < run.steps:
-        loss, grad_norm, lr = train_step(s, s.step)
-        window.add(loss, grad_norm)
+        loss, grad_norm, lr, extra = train_step(s, s.step)
+        window.add(loss, grad_norm, extra)
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         profiler.step()
         evaluated = evaluation(s.step, run.dir) if evaluation and evaluation.due(s.step) else {}

@@ -1,0 +1,193 @@
+"""REPA end to end with a tiny random ViT: encoder features in shards, the checks before training, the alignment
+loss and its stop step, export without the projector, and 2 ranks equal to 1 under DDP, FSDP2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from bigdit.checkpoint import latest_checkpoint
+from bigdit.data.schema import Manifest
+from bigdit.data.wds import read_shard
+from bigdit.export import consolidated_weights
+from bigdit.inference import load_run
+from bigdit.metrics import read_metrics
+from bigdit.repa import PROJECTOR, alignment_loss, alignment_weight
+from bigdit.train import CONFIG_DIR, setup, train
+
+from conftest import REPO
+
+#: digits through a 4x4-patch DiT; the encoder sees them at 56 px (4x4 patches of 14): one feature per token
+TINY = ["experiment=demo", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "run.global_batch=16",
+        "run.log_every=1", "run.ckpt_every=3", "ema.decay=0.9", "optim.warmup_steps=0", "optim.schedule=constant",
+        "optim.lr=2e-3"]
+#: the REPA shards through the WebDataset loader, in the training process, without flips (REPA's)
+DATA = ["data=wds", "data.num_workers=0", "data.flip=false"]
+
+
+def repa_on(encoder: Path) -> list[str]:
+    return ["repa=on", f"repa.encoder={encoder}", "repa.feature_dim=32", "repa.depth=1", "repa.projector_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    """A 2-block random DINOv2-style ViT (32 wide) in a local timm folder, as timm's save_for_hf writes it."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, depth=2, embed_dim=32,
+                            num_heads=2, img_size=56)
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    save_for_hf(vit, str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, encoder) -> Path:
+    """96 digits in 8 WebDataset shards with REPA features, made by tools/encode_latents.py (flips stored too)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import encode_latents
+
+    out = tmp_path_factory.mktemp("repa-shards")
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("encode_latents", overrides=["input=sklearn:digits", f"out={out}", "limit=96", "shard_size=12",
+                                                   "num_workers=0", "progress=false", f"repa_encoder={encoder}",
+                                                   "repa_input_size=56"])
+    encode_latents.run(cfg)
+    return out
+
+
+def train_cfg(run_dir: Path, shards: Path | None, *overrides: str):
+    """The tiny run on ``shards`` (None: the demo's in-memory digits)."""
+    data = [] if shards is None else [*DATA, f"data.root={shards}"]
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("train", overrides=[*TINY, *data, f"run.dir={run_dir}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------- the pure parts
+
+
+def test_alignment_loss_is_minus_one_aligned_zero_orthogonal_one_opposite():
+    a = torch.randn(3, 5, 8)
+    torch.testing.assert_close(alignment_loss(2 * a, a), torch.full((3,), -1.0))  # scale does not matter
+    torch.testing.assert_close(alignment_loss(-a, a), torch.ones(3))
+    e = torch.eye(8)
+    torch.testing.assert_close(alignment_loss(e[None, :1], e[None, 1:2]), torch.zeros(1))
+    half = torch.stack([a[0], -a[0]])[None].reshape(1, 10, 8)  # half the patches aligned, half opposite
+    torch.testing.assert_close(alignment_loss(half, torch.cat([a[0], a[0]])[None]), torch.zeros(1), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        alignment_loss(a, a[:, :4])
+
+
+def test_alignment_weight_is_the_coefficient_until_the_stop_step():
+    assert [alignment_weight(s, 0.5, 3) for s in range(5)] == [0.5, 0.5, 0.5, 0.0, 0.0]
+    assert alignment_weight(10**6, 0.5, None) == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+def test_shards_hold_the_encoders_patch_features_and_the_manifest_names_it(shards, encoder):
+    from bigdit.data.images import DIGITS, Item, load_pixels
+    from bigdit.repa_features import load_patch_encoder
+
+    manifest = Manifest.load(shards)
+    assert manifest.repa == {"encoder": str(encoder), "model": "vit_small_patch14_dinov2", "input_size": 56,
+                             "layer": 1, "tokens": 16, "dim": 32}
+    assert manifest.shapes()["repa_feats"] == (16, 32) and "repa_feats" in manifest.fields()
+    sample = next(read_shard(shards, manifest.shards[0]["name"]))
+    assert sample["repa_feats"].dtype == np.float16 and sample["repa_feats"].shape == (16, 32)
+    # the stored features are the encoder's on that very image (the key names the digit)
+    pixels = torch.from_numpy(load_pixels(Item(sample["key"], DIGITS, offset=int(sample["key"][5:])), 8))[None]
+    expected = load_patch_encoder(str(encoder), 56)(pixels)[0].half().numpy()
+    np.testing.assert_allclose(sample["repa_feats"].astype(np.float32), expected.astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["no features", "other encoder", "flips", "other width", "in-memory data", "U-ViT"])
+def test_training_refuses_a_repa_run_it_cannot_align_before_any_compute(case, shards, encoder, tmp_path,
+                                                                        monkeypatch):
+    from bigdit.engine.ddp import DDPStrategy
+
+    root, overrides = shards, repa_on(encoder)
+    if case == "no features":
+        root = tmp_path / "plain"
+        shutil.copytree(shards, root)
+        raw = json.loads((root / "manifest.json").read_text())
+        (root / "manifest.json").write_text(json.dumps(dict(raw, repa=None)))
+    extra = {"no features": [], "other encoder": ["repa.encoder=vit_base_patch14_dinov2.lvd142m"],
+             "flips": ["data.flip=true"], "other width": ["repa.feature_dim=768"], "in-memory data": [],
+             "U-ViT": ["model=uvit", "model.name=U-ViT-S/2", "model.learn_sigma=false"]}[case]
+    match = {"no features": "holds no REPA features", "other encoder": "features of repa_encoder=",
+             "flips": "data.flip=false", "other width": "repa.feature_dim=32", "in-memory data": "reads none",
+             "U-ViT": "supports DiT"}[case]
+    monkeypatch.setattr(DDPStrategy, "setup", lambda *a, **k: pytest.fail("reached the strategy setup"))
+    with pytest.raises(ValueError, match=match):
+        setup(train_cfg(tmp_path / "run", None if case == "in-memory data" else root, *overrides, *extra))
+
+
+# ------------------------------------------------------------------------------------- training and export
+
+
+@pytest.mark.slow
+def test_alignment_trains_logs_stops_and_export_drops_the_projector(shards, encoder, tmp_path):
+    runs = {"none": [], "on": repa_on(encoder), "stopped": [*repa_on(encoder), "repa.stop_step=0"]}
+    for name, overrides in runs.items():
+        train(train_cfg(tmp_path / name, shards, "run.steps=3", *overrides))
+    on = read_metrics(tmp_path / "on" / "metrics.jsonl")
+    assert all(-1 <= r["repa_loss"] <= 1 for r in on) and on[-1]["repa_loss"] < on[0]["repa_loss"]
+    assert "repa_loss" not in read_metrics(tmp_path / "none" / "metrics.jsonl")[0]
+
+    ckpt = {name: latest_checkpoint(tmp_path / name / "checkpoints") for name in runs}
+    saved = torch.load(ckpt["on"] / "state.pt", weights_only=False)
+    assert any(k.startswith(f"{PROJECTOR}.") for k in saved["model"]) and f"{PROJECTOR}.0.weight" in saved["ema"]
+    cfg = train_cfg(tmp_path / "on", shards)
+    weights = {name: consolidated_weights(c, cfg.model, "model") for name, c in ckpt.items()}
+    assert not any(k.startswith(PROJECTOR) for k in weights["on"])  # export and sampling get the bare model
+    load_run(tmp_path / "on")  # strict load into the bare DiT
+
+    # stop_step=0: the term is weighted 0 from the start, so the model learns exactly what it learns without REPA
+    for k in weights["none"]:
+        assert torch.equal(weights["stopped"][k], weights["none"][k]), k
+    assert any(not torch.equal(weights["on"][k], weights["none"][k]) for k in weights["none"])
+
+
+def launch(run_dir: Path, ranks: int, *overrides: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
+           "bigdit.train", *TINY, *DATA, f"run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def one_rank(shards, encoder, tmp_path_factory) -> Path:
+    """One process, DDP, 4 REPA steps: what 2 ranks of every strategy must reproduce."""
+    run = tmp_path_factory.mktemp("repa-one-rank")
+    train(train_cfg(run, shards, "run.steps=4", *repa_on(encoder)))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp2"],
+                                      ["strategy=deepspeed", "strategy.zero_stage=3"]], ids=["ddp", "fsdp2", "zero3"])
+def test_two_ranks_equal_one_rank_step_for_step(strategy, one_rank, shards, encoder, tmp_path):
+    launch(tmp_path, 2, f"data.root={shards}", "run.steps=4", *repa_on(encoder), *strategy)
+    want, got = read_metrics(one_rank / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    for key in ("loss", "repa_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
+    model_cfg = train_cfg(one_rank, shards).model
+    a = consolidated_weights(latest_checkpoint(one_rank / "checkpoints"), model_cfg, "ema")
+    b = consolidated_weights(latest_checkpoint(tmp_path / "checkpoints"), model_cfg, "ema")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
