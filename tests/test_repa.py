@@ -54,13 +54,13 @@ def encoder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, encoder) -> Path:
-    """96 digits in 8 WebDataset shards with REPA features, made by tools/encode_latents.py (flips stored too)."""
+    """96 digits in 12 WebDataset shards of 8 with REPA features, made by tools/encode_latents.py (flips stored too)."""
     sys.path.insert(0, str(REPO / "tools"))
     import encode_latents
 
     out = tmp_path_factory.mktemp("repa-shards")
     with initialize_config_dir(CONFIG_DIR, version_base=None):
-        cfg = compose("encode_latents", overrides=["input=sklearn:digits", f"out={out}", "limit=96", "shard_size=12",
+        cfg = compose("encode_latents", overrides=["input=sklearn:digits", f"out={out}", "limit=96", "shard_size=8",
                                                    "num_workers=0", "progress=false", f"repa_encoder={encoder}",
                                                    "repa_input_size=56"])
     encode_latents.run(cfg)
@@ -139,22 +139,35 @@ def test_training_refuses_a_repa_run_it_cannot_align_before_any_compute(case, sh
 # ------------------------------------------------------------------------------------- training and export
 
 
-@pytest.mark.slow
-def test_alignment_trains_logs_stops_and_export_drops_the_projector(shards, encoder, tmp_path):
-    runs = {"none": [], "on": repa_on(encoder), "stopped": [*repa_on(encoder), "repa.stop_step=0"]}
-    for name, overrides in runs.items():
-        train(train_cfg(tmp_path / name, shards, "run.steps=3", *overrides))
-    on = read_metrics(tmp_path / "on" / "metrics.jsonl")
-    assert all(-1 <= r["repa_loss"] <= 1 for r in on) and on[-1]["repa_loss"] < on[0]["repa_loss"]
-    assert "repa_loss" not in read_metrics(tmp_path / "none" / "metrics.jsonl")[0]
+#: unshuffled shards of 8 samples, micro-batches of 8 per rank: 2 ranks read shards (0, 1), (2, 3), ... per step, one
+#: rank reads them in the same order, so both see the same global batches (the WebDataset order otherwise depends
+#: on the number of ranks)
+SAME_DATA = ["data.shuffle=false", "run.steps=4"]
 
-    ckpt = {name: latest_checkpoint(tmp_path / name / "checkpoints") for name in runs}
+
+@pytest.fixture(scope="module")
+def runs(shards, encoder, tmp_path_factory) -> dict[str, Path]:
+    """One process, DDP, 4 steps without REPA, with it, and with it stopped at step 0 (weight 0 throughout)."""
+    root = tmp_path_factory.mktemp("repa-runs")
+    overrides = {"none": [], "on": repa_on(encoder), "stopped": [*repa_on(encoder), "repa.stop_step=0"]}
+    for name, extra in overrides.items():
+        train(train_cfg(root / name, shards, *SAME_DATA, *extra))
+    return {name: root / name for name in overrides}
+
+
+@pytest.mark.slow
+def test_alignment_trains_logs_stops_and_export_drops_the_projector(runs, shards):
+    on = read_metrics(runs["on"] / "metrics.jsonl")
+    assert all(-1 <= r["repa_loss"] <= 1 for r in on) and on[-1]["repa_loss"] < on[0]["repa_loss"]
+    assert "repa_loss" not in read_metrics(runs["none"] / "metrics.jsonl")[0]
+
+    ckpt = {name: latest_checkpoint(run / "checkpoints") for name, run in runs.items()}
     saved = torch.load(ckpt["on"] / "state.pt", weights_only=False)
     assert any(k.startswith(f"{PROJECTOR}.") for k in saved["model"]) and f"{PROJECTOR}.0.weight" in saved["ema"]
-    cfg = train_cfg(tmp_path / "on", shards)
-    weights = {name: consolidated_weights(c, cfg.model, "model") for name, c in ckpt.items()}
+    model_cfg = train_cfg(runs["on"], shards).model
+    weights = {name: consolidated_weights(c, model_cfg, "model") for name, c in ckpt.items()}
     assert not any(k.startswith(PROJECTOR) for k in weights["on"])  # export and sampling get the bare model
-    load_run(tmp_path / "on")  # strict load into the bare DiT
+    load_run(runs["on"])  # strict load into the bare DiT
 
     # stop_step=0: the term is weighted 0 from the start, so the model learns exactly what it learns without REPA
     for k in weights["none"]:
@@ -170,19 +183,12 @@ def launch(run_dir: Path, ranks: int, *overrides: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def one_rank(shards, encoder, tmp_path_factory) -> Path:
-    """One process, DDP, 4 REPA steps: what 2 ranks of every strategy must reproduce."""
-    run = tmp_path_factory.mktemp("repa-one-rank")
-    train(train_cfg(run, shards, "run.steps=4", *repa_on(encoder)))
-    return run
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp2"],
                                       ["strategy=deepspeed", "strategy.zero_stage=3"]], ids=["ddp", "fsdp2", "zero3"])
-def test_two_ranks_equal_one_rank_step_for_step(strategy, one_rank, shards, encoder, tmp_path):
-    launch(tmp_path, 2, f"data.root={shards}", "run.steps=4", *repa_on(encoder), *strategy)
+def test_two_ranks_equal_one_rank_step_for_step(strategy, runs, shards, encoder, tmp_path):
+    one_rank = runs["on"]
+    launch(tmp_path, 2, f"data.root={shards}", *SAME_DATA, *repa_on(encoder), *strategy)
     want, got = read_metrics(one_rank / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
     for key in ("loss", "repa_loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
