@@ -4,10 +4,10 @@ Runs as one process, or as one rank of a job when ``RANK``/``WORLD_SIZE``/``MAST
 ``MASTER_PORT``/``LOCAL_RANK`` are set (torchrun, srun, submitit). Rerunning the same command on the
 same ``run.dir`` resumes from the latest checkpoint, exactly.
 
-Reproducibility across interruptions and world sizes: the data, timesteps, noise and label dropout of
-a step are drawn for the whole global batch from generators seeded by ``(run.seed, step)`` and then
-sliced per rank and micro-batch, so no random state has to be checkpointed and the loss of a step does
-not depend on how the global batch is split.
+Reproducibility across interruptions and world sizes: the data order is a function of ``(run.seed, epoch)``
+and each sample's timestep, noise and label dropout a function of ``(run.seed, step, sample index)``
+(:func:`draw_samples`), so no random state has to be checkpointed, the loss of a step does not depend on
+how the global batch is split, and each rank draws only its own samples.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import Schedule, make_schedule, q_sample, training_losses
+from bigdit.diffusion import Schedule, make_schedule, q_sample, timesteps_from_uniform, training_losses
 from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
@@ -104,15 +104,31 @@ def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
             )
 
 
-class StepDraws:
-    """The random draws of one optimizer step for the whole global batch, sliced per rank and micro-batch."""
+@dataclass(frozen=True)
+class SampleDraws:
+    """The random draws of a micro-batch's samples: time uniforms, noise and conditioning dropout."""
 
-    def __init__(self, seed: int, step: int, plan: BatchPlan, shape, num_timesteps: int, drop_prob: float, device):
-        g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, 1))
-        n = plan.global_batch
-        self.t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)
-        self.noise = torch.randn((n, *shape), generator=g, device=device)
-        self.drop = (torch.rand(n, generator=g, device=device) < drop_prob).long()
+    #: uniform in [0, 1) per sample: the diffusion maps it to the sample's timestep
+    u: torch.Tensor
+    noise: torch.Tensor
+    #: 1 where the sample's label (or caption) is dropped for guidance
+    drop: torch.Tensor
+
+
+def draw_samples(seed: int, step: int, span: slice, shape, drop_prob: float, device: torch.device) -> SampleDraws:
+    """The draws of the global batch's samples ``span`` at ``step``, each from its own counter-based stream.
+
+    Sample ``i``'s draws are a function of ``(seed, step, i)`` alone: the loss of a step does not depend on how
+    the global batch is split over ranks and micro-batches, nothing random is checkpointed, and a rank draws only
+    its own samples (its cost does not grow with the number of ranks).
+    """
+    u, noise, drop = [], [], []
+    for i in range(span.start, span.stop):
+        g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, i, 1))
+        u.append(torch.rand(1, generator=g, device=device))
+        drop.append(torch.rand(1, generator=g, device=device) < drop_prob)
+        noise.append(torch.randn(shape, generator=g, device=device))
+    return SampleDraws(torch.cat(u), torch.stack(noise), torch.cat(drop).long())
 
 
 def peak_device_tflops(device: torch.device, precision: str) -> float:
@@ -195,18 +211,17 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
     lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
     for group in strategy.optimizer.param_groups:
         group["lr"] = lr
-    draws = StepDraws(cfg.run.seed, step, plan, s.data.sample_shape, s.schedule.num_timesteps, s.drop_prob, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
     mean_loss = torch.zeros((), device=device)
     for micro, batch in enumerate(s.data.micro_batches(step)):
-        span = plan.span(rank, micro)
+        draws = draw_samples(cfg.run.seed, step, plan.span(rank, micro), s.data.sample_shape, s.drop_prob, device)
         x0 = batch["x"].to(device, non_blocking=True)
-        y = conditioning(batch, draws.drop[span], s.empty_context, device)
-        t, noise = draws.t[span], draws.noise[span]
-        xt = q_sample(s.schedule, x0, t, noise)
+        y = conditioning(batch, draws.drop, s.empty_context, device)
+        t = timesteps_from_uniform(draws.u, s.schedule.num_timesteps)
+        xt = q_sample(s.schedule, x0, t, draws.noise)
         with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
-            out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
-        loss = training_losses(s.schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
+            out = strategy.model(xt, t, y, force_drop_ids=draws.drop)
+        loss = training_losses(s.schedule, out.float(), x0, xt, t, draws.noise, cfg.model.learn_sigma)["loss"].mean()
         strategy.backward(loss / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
     grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)

@@ -16,6 +16,7 @@ from bigdit.diffusion.gaussian import (
     q_sample,
     respace,
     space_timesteps,
+    timesteps_from_uniform,
     training_losses,
     vb_terms_bpd,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "respace",
     "sample",
     "space_timesteps",
+    "timesteps_from_uniform",
     "training_losses",
     "vb_terms_bpd",
 ]
