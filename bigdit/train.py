@@ -26,7 +26,8 @@ import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import Schedule, make_schedule, q_sample, timesteps_from_uniform, training_losses
+from bigdit.diffusion import build_objective
+from bigdit.diffusion.objective import Objective
 from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
@@ -145,7 +146,8 @@ class Session:
     strategy: Strategy
     plan: BatchPlan
     data: Loader
-    schedule: Schedule
+    #: the diffusion kind's time draw, noised input and loss (cfg.diffusion)
+    objective: Objective
     ema: EMA
     ckpt: Checkpointer
     #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
@@ -167,6 +169,7 @@ def setup(cfg: DictConfig) -> Session:
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
     check_loggers(cfg.run.loggers)
+    objective = build_objective(OmegaConf.to_container(cfg.diffusion, resolve=True), cfg.model.learn_sigma)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
@@ -181,7 +184,7 @@ def setup(cfg: DictConfig) -> Session:
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
-    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
+    s = Session(cfg, strategy, plan, data, objective, EMA(strategy.ema_targets(), cfg.ema.decay),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
                 data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
     restored = s.ckpt.load_latest()
@@ -217,11 +220,11 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         draws = draw_samples(cfg.run.seed, step, plan.span(rank, micro), s.data.sample_shape, s.drop_prob, device)
         x0 = batch["x"].to(device, non_blocking=True)
         y = conditioning(batch, draws.drop, s.empty_context, device)
-        t = timesteps_from_uniform(draws.u, s.schedule.num_timesteps)
-        xt = q_sample(s.schedule, x0, t, draws.noise)
+        t = s.objective.time(draws.u)
+        xt = s.objective.noised(x0, t, draws.noise)
         with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
             out = strategy.model(xt, t, y, force_drop_ids=draws.drop)
-        loss = training_losses(s.schedule, out.float(), x0, xt, t, draws.noise, cfg.model.learn_sigma)["loss"].mean()
+        loss = s.objective.loss(out.float(), x0, xt, t, draws.noise).mean()
         strategy.backward(loss / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
     grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
@@ -252,7 +255,7 @@ def train(cfg: DictConfig) -> None:
     window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
-    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.schedule, on_grid=trackers.log_image)
+    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.objective.diffusion, on_grid=trackers.log_image)
                   if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from bigdit.diffusion import transport
-from bigdit.diffusion.gaussian import Schedule, make_schedule, q_sample, training_losses
+from bigdit.diffusion.gaussian import Schedule, make_schedule, q_sample, timesteps_from_uniform, training_losses
 from bigdit.diffusion.transport import Transport
 
 DIFFUSION_KINDS = ("gaussian", "flow")
@@ -61,8 +61,7 @@ class GaussianObjective:
     learn_sigma: bool
 
     def time(self, u: torch.Tensor) -> torch.Tensor:
-        n = self.diffusion.num_timesteps
-        return (u.double() * n).long().clamp_(0, n - 1)
+        return timesteps_from_uniform(u, self.diffusion.num_timesteps)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return q_sample(self.diffusion, x0, t, noise)
