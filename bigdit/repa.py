@@ -63,7 +63,7 @@ def repa_enabled(cfg: Any) -> bool:
 def check_repa_model(model: nn.Module, depth: int) -> None:
     """Refuse a model REPA cannot tap: only DiT's plain token sequence is aligned patch for patch."""
     if not isinstance(model, DiT):
-        raise ValueError(f"repa=on supports DiT (one token per latent patch through every block); "
+        raise ValueError(f"REPA supports DiT (one token per latent patch through every block); "
                          f"{type(model).__name__} (U-DiT's downsampled stages, U-ViT's extra tokens and skips) is "
                          f"not supported: use model=dit or repa=none")
     if not 1 <= depth <= len(model.blocks):
@@ -74,7 +74,7 @@ def check_repa_data(repa_cfg: Any, record: dict[str, Any] | None, model: nn.Modu
     """Fail before any compute when the shards' REPA features (``record``, from their manifest) cannot be the
     targets of this run: missing, from another encoder, of another width, or on another token grid."""
     if record is None:
-        raise ValueError(f"repa=on needs REPA features in the shards, but {data_name} has none: encode the images "
+        raise ValueError(f"REPA needs its features in the shards, but {data_name} has none: encode the images "
                          f"with tools/encode_latents.py repa_encoder={repa_cfg.encoder} and train with data=wds "
                          f"or data=mds on its output (or repa=none)")
     if str(record["encoder"]) != str(repa_cfg.encoder):

@@ -4,10 +4,10 @@ Runs as one process, or as one rank of a job when ``RANK``/``WORLD_SIZE``/``MAST
 ``MASTER_PORT``/``LOCAL_RANK`` are set (torchrun, srun, submitit). Rerunning the same command on the
 same ``run.dir`` resumes from the latest checkpoint, exactly.
 
-Reproducibility across interruptions and world sizes: the data, timesteps, noise and label dropout of
-a step are drawn for the whole global batch from generators seeded by ``(run.seed, step)`` and then
-sliced per rank and micro-batch, so no random state has to be checkpointed and the loss of a step does
-not depend on how the global batch is split.
+Reproducibility across interruptions and world sizes: the data order is a function of ``(run.seed, epoch)``
+and each sample's timestep, noise and label dropout a function of ``(run.seed, step, sample index)``
+(:func:`draw_samples`), so no random state has to be checkpointed, the loss of a step does not depend on
+how the global batch is split, and each rank draws only its own samples.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import Schedule, make_schedule, q_sample, training_losses
+from bigdit.diffusion import build_objective
+from bigdit.diffusion.objective import Objective
 from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
@@ -109,15 +110,31 @@ def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
             )
 
 
-class StepDraws:
-    """The random draws of one optimizer step for the whole global batch, sliced per rank and micro-batch."""
+@dataclass(frozen=True)
+class SampleDraws:
+    """The random draws of a micro-batch's samples: time uniforms, noise and conditioning dropout."""
 
-    def __init__(self, seed: int, step: int, plan: BatchPlan, shape, num_timesteps: int, drop_prob: float, device):
-        g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, 1))
-        n = plan.global_batch
-        self.t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)
-        self.noise = torch.randn((n, *shape), generator=g, device=device)
-        self.drop = (torch.rand(n, generator=g, device=device) < drop_prob).long()
+    #: uniform in [0, 1) per sample: the diffusion maps it to the sample's timestep
+    u: torch.Tensor
+    noise: torch.Tensor
+    #: 1 where the sample's label (or caption) is dropped for guidance
+    drop: torch.Tensor
+
+
+def draw_samples(seed: int, step: int, span: slice, shape, drop_prob: float, device: torch.device) -> SampleDraws:
+    """The draws of the global batch's samples ``span`` at ``step``, each from its own counter-based stream.
+
+    Sample ``i``'s draws are a function of ``(seed, step, i)`` alone: the loss of a step does not depend on how
+    the global batch is split over ranks and micro-batches, nothing random is checkpointed, and a rank draws only
+    its own samples (its cost does not grow with the number of ranks).
+    """
+    u, noise, drop = [], [], []
+    for i in range(span.start, span.stop):
+        g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, i, 1))
+        u.append(torch.rand(1, generator=g, device=device))
+        drop.append(torch.rand(1, generator=g, device=device) < drop_prob)
+        noise.append(torch.randn(shape, generator=g, device=device))
+    return SampleDraws(torch.cat(u), torch.stack(noise), torch.cat(drop).long())
 
 
 def peak_device_tflops(device: torch.device, precision: str) -> float:
@@ -134,7 +151,8 @@ class Session:
     strategy: Strategy
     plan: BatchPlan
     data: Loader
-    schedule: Schedule
+    #: the diffusion kind's time draw, noised input and loss (cfg.diffusion)
+    objective: Objective
     ema: EMA
     ckpt: Checkpointer
     #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
@@ -143,7 +161,7 @@ class Session:
     drop_prob: float
     step: int = 0
     nimg: int = 0
-    #: REPA's projected hidden state (repa=on), None without REPA
+    #: REPA's projected hidden state (repa.enabled), None without REPA
     repa: HiddenTap | None = None
 
     def checkpoint(self) -> None:
@@ -159,7 +177,7 @@ def build_loader(cfg: DictConfig, plan: BatchPlan, rank: int) -> Loader:
     extra = {}
     if repa_enabled(cfg):
         if "repa_feats" not in inspect.signature(make.func).parameters:
-            raise ValueError(f"repa=on aligns to REPA features stored in shards, but data={cfg.data._target_} reads "
+            raise ValueError(f"REPA aligns to features stored in shards, but data={cfg.data._target_} reads "
                              f"none: encode with tools/encode_latents.py repa_encoder={cfg.repa.encoder} and train "
                              f"with data=wds or data=mds on its output (or repa=none)")
         extra["repa_feats"] = True
@@ -171,6 +189,7 @@ def setup(cfg: DictConfig) -> Session:
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
     check_loggers(cfg.run.loggers)
+    objective = build_objective(OmegaConf.to_container(cfg.diffusion, resolve=True), cfg.model.learn_sigma)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     run_dir = Path(cfg.run.dir)
@@ -189,7 +208,7 @@ def setup(cfg: DictConfig) -> Session:
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
-    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
+    s = Session(cfg, strategy, plan, data, objective, EMA(strategy.ema_targets(), cfg.ema.decay),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
                 data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), repa=tap)
     restored = s.ckpt.load_latest()
@@ -226,22 +245,21 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
     lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
     for group in strategy.optimizer.param_groups:
         group["lr"] = lr
-    draws = StepDraws(cfg.run.seed, step, plan, s.data.sample_shape, s.schedule.num_timesteps, s.drop_prob, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
     mean_loss, mean_align = torch.zeros((), device=device), torch.zeros((), device=device)
     # After repa.stop_step the weight is 0 but the term stays in the graph: every strategy then still sees the
     # projector's parameters used (DDP would stop on unused ones), and repa_loss keeps being logged.
     weight = alignment_weight(step, cfg.repa.coeff, cfg.repa.stop_step) if s.repa else 0.0
     for micro, batch in enumerate(s.data.micro_batches(step)):
-        span = plan.span(rank, micro)
+        draws = draw_samples(cfg.run.seed, step, plan.span(rank, micro), s.data.sample_shape, s.drop_prob, device)
         x0 = batch["x"].to(device, non_blocking=True)
-        y = conditioning(batch, draws.drop[span], s.empty_context, device)
-        t, noise = draws.t[span], draws.noise[span]
-        xt = q_sample(s.schedule, x0, t, noise)
+        y = conditioning(batch, draws.drop, s.empty_context, device)
+        t = s.objective.time(draws.u)
+        xt = s.objective.noised(x0, t, draws.noise)
         with (strategy.no_sync(micro < plan.accum_steps - 1), autocast,
               s.repa.capture() if s.repa else contextlib.nullcontext()):
-            out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
-        loss = training_losses(s.schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
+            out = strategy.model(xt, t, y, force_drop_ids=draws.drop)
+        loss = s.objective.loss(out.float(), x0, xt, t, draws.noise).mean()
         align = alignment(s, batch) if s.repa else None
         strategy.backward((loss if align is None else loss + weight * align) / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
@@ -277,7 +295,7 @@ def train(cfg: DictConfig) -> None:
                            extra=("repa_loss",) if s.repa else ())
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
-    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.schedule, on_grid=trackers.log_image)
+    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.objective.diffusion, on_grid=trackers.log_image)
                   if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)

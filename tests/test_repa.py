@@ -35,7 +35,7 @@ DATA = ["data=wds", "data.num_workers=0", "data.flip=false"]
 
 
 def repa_on(encoder: Path) -> list[str]:
-    return ["repa=on", f"repa.encoder={encoder}", "repa.feature_dim=32", "repa.depth=1", "repa.projector_dim=16"]
+    return ["repa=dinov2_b", f"repa.encoder={encoder}", "repa.feature_dim=32", "repa.depth=1", "repa.projector_dim=16"]
 
 
 @pytest.fixture(scope="module")

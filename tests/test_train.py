@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from bigdit.checkpoint import latest_checkpoint
 from bigdit.engine.ddp import DDPStrategy
 from bigdit.metrics import read_metrics
-from bigdit.train import CONFIG_DIR, train
+from bigdit.diffusion import timesteps_from_uniform
+from bigdit.train import CONFIG_DIR, draw_samples, train
 
 from conftest import REPO
 
@@ -254,3 +255,17 @@ def test_every_backbone_trains_and_samples(tmp_path, model):
                           "classes=[0,1]"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_each_sample_draws_from_its_own_stream():
+    # Sample i's draws depend on (seed, step, i) only: drawing the span 3:5 alone gives rows 3-4 of the span 0:8,
+    # so a rank's draws are its own share, whatever the split; another step or seed gives other draws.
+    whole = draw_samples(0, 7, slice(0, 8), (2, 3), 0.5, torch.device("cpu"))
+    part = draw_samples(0, 7, slice(3, 5), (2, 3), 0.5, torch.device("cpu"))
+    for field in ("u", "noise", "drop"):
+        assert torch.equal(getattr(whole, field)[3:5], getattr(part, field))
+    assert whole.noise.shape == (8, 2, 3) and whole.u.min() >= 0 and whole.u.max() < 1
+    assert not torch.equal(draw_samples(0, 8, slice(3, 5), (2, 3), 0.5, torch.device("cpu")).noise, part.noise)
+    assert not torch.equal(draw_samples(1, 7, slice(3, 5), (2, 3), 0.5, torch.device("cpu")).noise, part.noise)
+    t = timesteps_from_uniform(torch.tensor([0.0, 0.4999, 0.5, 1 - 2**-24]), 1000)
+    assert t.tolist() == [0, 499, 500, 999]

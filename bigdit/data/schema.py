@@ -96,7 +96,7 @@ class Manifest:
     flip: bool = False                  # moments_flip stored
     classes: list[str] = field(default_factory=list)
     text: dict[str, Any] | None = None  # {model, pretrained, layer, model_config, tokens, dim, pooled_dim} (cache_text)
-    repa: dict[str, Any] | None = None  # {encoder, model, input_size, layer, tokens, dim} (encode_latents repa_encoder=)
+    repa: dict[str, Any] | None = None  # {encoder, model, input_size, layer, tokens, dim} (encode_latents repa_*)
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
     count: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)

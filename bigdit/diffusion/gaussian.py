@@ -208,6 +208,11 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def timesteps_from_uniform(u: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Integer timesteps uniform over ``[0, num_timesteps)`` from uniforms ``u`` in ``[0, 1)`` (the loop's draws)."""
+    return (u * num_timesteps).long().clamp_(max=num_timesteps - 1)
+
+
 def q_sample(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Sample ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` using the given ``noise``."""
     return _extract(s.sqrt_alphas_cumprod, t, x0) * x0 + _extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
