@@ -114,6 +114,29 @@ def test_shards_hold_the_encoders_patch_features_and_the_manifest_names_it(shard
     np.testing.assert_allclose(sample["repa_feats"].astype(np.float32), expected.astype(np.float32), atol=2e-3)
 
 
+def test_both_loaders_deliver_each_samples_features_only_when_asked(shards, tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import shards as shards_tool
+
+    from bigdit.batching import BatchPlan
+    from bigdit.data.mds import MdsLoader
+    from bigdit.data.wds import WdsLoader
+
+    stored = {s["key"]: s["repa_feats"] for shard in Manifest.load(shards).shards
+              for s in read_shard(shards, shard["name"])}
+    shards_tool.convert(str(shards), str(tmp_path / "mds"), progress=False)
+    plan = BatchPlan.from_config(8, None, 1)
+    for loader, root in ((WdsLoader, shards), (MdsLoader, tmp_path / "mds")):
+        data = loader(str(root), plan, 0, 0, num_workers=0, flip=False, repa_feats=True)
+        batch = next(data.raw_micro_batches(0))
+        assert batch["repa_feats"].dtype == torch.float16 and data.repa["dim"] == 32
+        np.testing.assert_array_equal(batch["repa_feats"].numpy(), np.stack([stored[k] for k in batch["key"]]))
+        data.close()
+        plain = loader(str(root), plan, 0, 0, num_workers=0, flip=False)
+        assert "repa_feats" not in next(plain.micro_batches(0)) and plain.repa is None
+        plain.close()
+
+
 @pytest.mark.parametrize("case", ["no features", "other encoder", "flips", "other width", "in-memory data", "U-ViT"])
 def test_training_refuses_a_repa_run_it_cannot_align_before_any_compute(case, shards, encoder, tmp_path,
                                                                         monkeypatch):
@@ -197,3 +220,12 @@ def test_two_ranks_equal_one_rank_step_for_step(strategy, runs, shards, encoder,
     b = consolidated_weights(latest_checkpoint(tmp_path / "checkpoints"), model_cfg, "ema")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("preset, kind", [("sit_xl2_repa_in256", "flow"), ("dit_xl2_repa_in256", None)])
+def test_presets_are_repas_recipe_without_flips(preset, kind):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=[f"experiment={preset}"])
+    assert (cfg.model.name, cfg.diffusion.get("kind"), cfg.data.flip) == ("DiT-XL/2", kind, False)
+    assert (cfg.repa.enabled, cfg.repa.encoder, cfg.repa.feature_dim, cfg.repa.depth, cfg.repa.projector_dim,
+            cfg.repa.coeff) == (True, "vit_base_patch14_dinov2.lvd142m", 768, 8, 2048, 0.5)
