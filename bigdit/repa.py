@@ -56,8 +56,7 @@ def alignment_weight(step: int, coeff: float, stop_step: int | None) -> float:
 
 def repa_enabled(cfg: Any) -> bool:
     """Whether a training config (its ``repa`` section, absent in runs from before REPA) asks for REPA."""
-    section = cfg.get("repa") if hasattr(cfg, "get") else None
-    return bool(section and section.get("enabled"))
+    return bool(cfg.get("repa", {}).get("enabled", False))
 
 
 def check_repa_model(model: nn.Module, depth: int) -> None:
@@ -111,7 +110,7 @@ class HiddenTap:
         self.projector = getattr(model, PROJECTOR)
         self.projected: torch.Tensor | None = None
         self._capturing = False
-        self._handle = model.repeated_blocks()[depth - 1].register_forward_hook(self._hook)
+        model.repeated_blocks()[depth - 1].register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         if self._capturing:
@@ -132,6 +131,3 @@ class HiddenTap:
             raise RuntimeError("no hidden state was captured: call the model inside HiddenTap.capture()")
         out, self.projected = self.projected, None
         return out
-
-    def remove(self) -> None:
-        self._handle.remove()
