@@ -39,11 +39,16 @@ def _hydra_dict(cfg: dict) -> str:
     return "{" + ", ".join(f"{k}: {value(v)}" for k, v in cfg.items()) + "}"
 
 
-def _sample_defaults() -> dict:
-    """tools/sample.py's sampler defaults (what it uses when a run preset has no ``sample:`` section), and eta."""
-    from bigdit.inference import DEFAULT_SETTINGS
+def _sample_defaults(run_cfg: DictConfig) -> dict:
+    """tools/sample.py's sampler defaults for the run's diffusion kind (what it uses when a run preset has no
+    ``sample:`` section), and DDIM's eta for Gaussian runs."""
+    from bigdit.diffusion import build_diffusion
+    from bigdit.inference import default_settings
 
-    return {**DEFAULT_SETTINGS, "eta": OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml").eta}
+    defaults = default_settings(build_diffusion(run_cfg.get("diffusion")))
+    if defaults["sampler"] == "sde":
+        return defaults
+    return {**defaults, "eta": OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml").eta}
 
 
 def _diffusers_notes(model, betas_len: int, settings_guidance: str | None) -> str:
@@ -91,7 +96,9 @@ def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, mode
         if which == "ema" and model_cfg["name"].startswith("DiT-"):
             torch.save(weights, out / "ema.pt")
     # with ckpt= tools/sample.py knows neither the run's preset nor its shards: the card spells them out
-    args = " ".join(f"{k}={v}" for k, v in settings.items())
+    args = " ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+    if "diffusion" in run_cfg and run_cfg.diffusion.get("kind") == "flow":
+        args += f" 'diffusion={_hydra_dict(OmegaConf.to_container(run_cfg.diffusion, resolve=True))}'"
     if manifest is not None and manifest.vae != "none":
         args += f" vae={manifest.vae} vae_scale={manifest.scaling_factor}"
     return f"""```python
@@ -156,6 +163,11 @@ def run(cfg: DictConfig) -> Path:
     vae = cfg.get("vae") or (manifest.vae if manifest is not None else None)
     if fmt == "diffusers":  # refused before any checkpoint is read
         from bigdit.diffusers_export import check_exportable
+        from bigdit.diffusion import diffusion_kind
+
+        if diffusion_kind(run_cfg.get("diffusion")) == "flow":
+            raise ValueError("a flow-matching run (diffusion=flow) has no diffusers DiTPipeline form (its scheduler is "
+                             "DDIM on betas): export it with format=safetensors and sample it with tools/sample.py")
 
         with torch.device("meta"):
             check_exportable(build_model(**model_cfg), model_cfg["name"], vae,
@@ -167,7 +179,7 @@ def run(cfg: DictConfig) -> Path:
         raise FileNotFoundError(f"no checkpoint {'latest' if cfg.step is None else step_tag(cfg.step)} in {ckpt_root}")
     out = Path(cfg.out) if cfg.out else run_dir / "export" / (ckpt.name + ("-diffusers" if fmt == "diffusers" else ""))
     out.mkdir(parents=True, exist_ok=True)
-    defaults = _sample_defaults()
+    defaults = _sample_defaults(run_cfg)
     settings, _ = sampler_settings(run_cfg, defaults)
     model = build_model(**model_cfg)
     if fmt == "safetensors":

@@ -78,6 +78,8 @@ def check_keys(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
         if cfg.model is None:
             raise ValueError("ckpt= needs the model config, e.g. 'model={name: DiT-XL/2, input_size: 32}'")
+    elif cfg.diffusion is not None:
+        raise ValueError("diffusion= is for ckpt=; run= samples with the diffusion the run was trained with")
     for key, valid in (("sampler", SAMPLERS + FLOW_SAMPLERS), ("guidance", GUIDANCE_MODES),
                        ("cfg_convention", CFG_CONVENTIONS), ("labels", LABELS), ("precision", PRECISIONS),
                        ("diffusion_form", DIFFUSION_FORMS), ("last_step", LAST_STEPS)):
@@ -234,6 +236,7 @@ def sample_settings(cfg: DictConfig, s: dict, ckpt: Path, step: int | None, clip
     return json.loads(json.dumps({
         "checkpoint": str(ckpt), "step": step, "weights": cfg.weights,
         "model": OmegaConf.to_container(cfg.model, resolve=True) if cfg.ckpt is not None else None,
+        **({"diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)} if cfg.diffusion is not None else {}),
         "num_samples": int(cfg.num_samples) if cfg.num_samples is not None else None, "labels": mode,
         "per_class": int(cfg.per_class or DEFAULT_PER_CLASS) if mode == "grid" else None,
         "classes": None if text else names,
@@ -324,7 +327,7 @@ def run(cfg: DictConfig) -> dict | None:
     out = Path(cfg.out) if cfg.out else default_out(cfg, ckpt)
     device = resolve_device(cfg.device)
     model, run_cfg = load_model(cfg, step)
-    diffusion = build_diffusion(run_cfg.diffusion if run_cfg is not None else None)
+    diffusion = build_diffusion(run_cfg.diffusion if run_cfg is not None else cfg.diffusion)
     s = settings(cfg, run_cfg, diffusion)
     check_settings(s, diffusion)
     root, manifest = data_manifest(run_cfg)

@@ -85,7 +85,9 @@ class Transport:
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - valid)
         if unknown:
-            raise ValueError(f"unknown diffusion keys {unknown} for diffusion=flow; valid: {', '.join(sorted(valid))}")
+            raise ValueError(f"unknown diffusion keys {unknown} for diffusion=flow (valid: {', '.join(sorted(valid))}); "
+                             f"keys a preset sets for the Gaussian diffusion are removed with "
+                             f"{' '.join('~diffusion.' + k for k in unknown)}")
         return cls(**cfg)
 
 
