@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from bigdit.checkpoint import checkpoint_strategy
 from bigdit.engine import strategy_class
 from bigdit.models import build_model
+from bigdit.repa import PROJECTOR
 
 
 def param_shapes(model_cfg: DictConfig) -> dict[str, torch.Size]:
@@ -29,22 +30,29 @@ def param_shapes(model_cfg: DictConfig) -> dict[str, torch.Size]:
 
 
 def consolidated_weights(ckpt_dir: str | Path, model_cfg: DictConfig, which: str = "ema") -> dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 ``ema`` or ``model`` weights from the checkpoint directory ``ckpt_dir``."""
+    """Full (unsharded) fp32 ``ema`` or ``model`` weights of the model ``model_cfg`` from the checkpoint directory
+    ``ckpt_dir``; training-only modules (REPA's projector, :data:`bigdit.repa.PROJECTOR`) are dropped."""
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt_dir = Path(ckpt_dir)
     strategy = strategy_class(checkpoint_strategy(ckpt_dir)["name"])
-    return strategy.consolidate(ckpt_dir, param_shapes(model_cfg), which)
+    weights = strategy.consolidate(ckpt_dir, param_shapes(model_cfg), which)
+    return {k: v for k, v in weights.items() if not k.startswith(f"{PROJECTOR}.")}
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def sample_defaults() -> dict[str, Any]:
-    """tools/sample.py's sampler defaults (what it uses when a run preset has no ``sample:`` section), and eta."""
-    from bigdit.inference import DEFAULT_SETTINGS
+def sample_defaults(run_cfg: DictConfig) -> dict[str, Any]:
+    """tools/sample.py's sampler defaults for the run's diffusion kind (what it uses when a run preset has no
+    ``sample:`` section), and DDIM's eta for Gaussian runs."""
+    from bigdit.diffusion import build_diffusion
+    from bigdit.inference import default_settings
 
-    return {**DEFAULT_SETTINGS, "eta": OmegaConf.load(CONFIG_DIR / "sample.yaml").eta}
+    defaults = default_settings(build_diffusion(run_cfg.get("diffusion")))
+    if defaults["sampler"] == "sde":
+        return defaults
+    return {**defaults, "eta": OmegaConf.load(CONFIG_DIR / "sample.yaml").eta}
 
 
 def hydra_dict(cfg: Mapping[str, Any]) -> str:
@@ -70,13 +78,15 @@ def write_safetensors(out: Path, model_cfg: DictConfig, model: torch.nn.Module,
             torch.save(state, out / "ema.pt")
 
 
-def safetensors_usage(out: Path, model_cfg: DictConfig, settings: Mapping[str, Any], manifest,
+def safetensors_usage(out: Path, run_cfg: DictConfig, settings: Mapping[str, Any], manifest,
                       run_dir: Path | None = None) -> str:
     """The model card's usage section of a safetensors export: loading it, and sampling it with tools/sample.py
     (also as ``run=<run_dir>`` when given: the export holds the run's checkpoint EMA)."""
-    config = OmegaConf.to_container(model_cfg, resolve=True)
+    config = OmegaConf.to_container(run_cfg.model, resolve=True)
     # with ckpt= tools/sample.py knows neither the run's preset nor its shards: the card spells them out
-    args = " ".join(f"{k}={v}" for k, v in settings.items())
+    args = " ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+    if "diffusion" in run_cfg and run_cfg.diffusion.get("kind") == "flow":
+        args += f" 'diffusion={hydra_dict(OmegaConf.to_container(run_cfg.diffusion, resolve=True))}'"
     if manifest is not None and manifest.vae != "none":
         args += f" vae={manifest.vae} vae_scale={manifest.scaling_factor}"
     return f"""```python

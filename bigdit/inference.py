@@ -11,14 +11,37 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigdit.checkpoint import latest_checkpoint, step_tag
 from bigdit.codec import LatentCodec
-from bigdit.diffusion import Schedule, guided_model_fn, sample
+from bigdit.diffusion import (FLOW_SAMPLERS, SAMPLERS, Schedule, Transport, flow_sample, guidance_time, guided_model_fn,
+                              sample)
 from bigdit.export import consolidated_weights
 from bigdit.models import build_model
 
 PRECISIONS = ("fp32", "bf16")
 #: sampler settings when neither the command nor the run's preset gives them (DiT's evaluation setup); read by
 #: tools/sample.py and by the model card of tools/export.py
-DEFAULT_SETTINGS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "cfg_convention": "dit", "guidance": "dit"}
+DEFAULT_SETTINGS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "cfg_convention": "dit", "guidance": "dit",
+                    "guidance_interval": None}
+#: the same for flow runs (diffusion=flow): SiT's SDE sampler (its FID-50K setting; SiT's sample.py guides with 4.0)
+FLOW_DEFAULT_SETTINGS = {**DEFAULT_SETTINGS, "sampler": "sde", "atol": 1e-6, "rtol": 1e-3, "diffusion_form": "sigma",
+                         "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04}
+#: the keys of FLOW_DEFAULT_SETTINGS only flow samplers read
+FLOW_SAMPLER_KEYS = ("atol", "rtol", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+
+
+def default_settings(diffusion: Schedule | Transport) -> dict:
+    """The sampler defaults of a run's diffusion kind: DEFAULT_SETTINGS (Gaussian) or FLOW_DEFAULT_SETTINGS."""
+    return dict(FLOW_DEFAULT_SETTINGS if isinstance(diffusion, Transport) else DEFAULT_SETTINGS)
+
+
+def check_sampler_kind(diffusion: Schedule | Transport, sampler: str) -> None:
+    """A flow model samples with a flow sampler, a Gaussian diffusion with a DDPM-family one: ValueError otherwise."""
+    flow = isinstance(diffusion, Transport)
+    valid = FLOW_SAMPLERS if flow else SAMPLERS
+    if sampler not in valid:
+        other = "a Gaussian diffusion (DDPM) sampler" if sampler in SAMPLERS else (
+            "a flow sampler" if sampler in FLOW_SAMPLERS else "no sampler")
+        what = "a flow-matching model (diffusion=flow)" if flow else "a Gaussian diffusion model (diffusion=gaussian)"
+        raise ValueError(f"sampler={sampler!r} is {other}, but this is {what}: use sampler={'|'.join(valid)}")
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
@@ -58,7 +81,7 @@ def sample_generators(seed: int, indices) -> list[torch.Generator]:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    schedule: Schedule,
+    diffusion: Schedule | Transport,
     cond: torch.Tensor,
     *,
     null: torch.Tensor | None = None,
@@ -66,6 +89,7 @@ def generate(
     steps: int = 250,
     cfg_scale: float = 4.0,
     guidance: str = "dit",
+    guidance_interval: tuple[float, float] | None = None,
     eta: float = 0.0,
     clip_denoised: bool = False,
     seed: int = 0,
@@ -74,21 +98,35 @@ def generate(
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     progress: bool = False,
+    **flow_settings,
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in model space for ``cond``, in batches, reproducible under ``seed``.
+
+    ``diffusion`` is the run's: a Gaussian :class:`Schedule` (samplers ddpm, ddim, dpm++) or a flow
+    :class:`Transport` (euler, heun, dopri5, sde; ``flow_settings`` are their FLOW_SAMPLER_KEYS); the other kind's
+    sampler is refused. ``guidance_interval=(lo, hi)`` guides only at times in [lo, hi] of the flow convention
+    (0 = noise, 1 = data; a DDPM step k is at 1 - k / T).
 
     ``cond`` is class labels (N,), guided against the model's null label, or, for a text-to-image model,
     CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D).
 
-    ``clip_denoised`` clamps each predicted x0 to [-1, 1] (what ADM does in pixel space; latents are
-    left unclipped). Sample ``k`` draws all its noise (``x_T`` and DDPM's per-step noise) from its own generator
-    seeded by ``(seed, indices[k])`` (``indices`` default: ``0..N-1``), so it does not change with the batch size,
-    the other samples of its batch or the process that draws it (up to the rounding of batched matmuls, which
+    ``clip_denoised`` clamps each predicted x0 to [-1, 1] (DDPM/DDIM, what ADM does in pixel space; latents are
+    left unclipped). Sample ``k`` draws all its noise (``x_T`` and DDPM's or the SDE's per-step noise) from its own
+    generator seeded by ``(seed, indices[k])`` (``indices`` default: ``0..N-1``), so it does not change with the batch
+    size, the other samples of its batch or the process that draws it (up to the rounding of batched matmuls, which
     differs between batch sizes; at the same batch size it is bit-identical). ``precision="bf16"`` runs the
     network under bf16 autocast; the sampler's arithmetic stays fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    check_sampler_kind(diffusion, sampler)
+    flow = isinstance(diffusion, Transport)
+    unknown = sorted(set(flow_settings) - set(FLOW_SAMPLER_KEYS))
+    if unknown or (flow_settings and not flow):
+        raise ValueError(f"{unknown or sorted(flow_settings)} are flow sampler settings ({', '.join(FLOW_SAMPLER_KEYS)}),"
+                         f" for a diffusion=flow model")
+    if flow and model.learn_sigma:
+        raise ValueError("a flow model predicts one value per channel: it must be built with learn_sigma=false")
     device = torch.device(device)
     model = model.to(device).eval()
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -107,10 +145,18 @@ def generate(
     outs = []
     for y, idx in zip(cond.split(batch_size), indices.split(batch_size)):
         y = y.to(device)
-        fn = guided_model_fn(net, y, cfg_scale, null, guidance, in_channels=model.in_channels)
-        outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
-                           learn_sigma=model.learn_sigma, generator=sample_generators(seed, idx.tolist()), eta=eta,
-                           clip_denoised=clip_denoised, device=device, progress=progress).cpu())
+        time_of = (lambda t: t) if flow else guidance_time(diffusion.num_timesteps)
+        fn = guided_model_fn(net, y, cfg_scale, null, guidance, in_channels=model.in_channels,
+                             interval=guidance_interval, time_of=time_of)
+        generators = sample_generators(seed, idx.tolist())
+        if flow:
+            x = flow_sample(fn, diffusion, sampler=sampler, steps=steps, shape=(len(y), *shape), generator=generators,
+                            device=device, progress=progress, **flow_settings)
+        else:
+            x = sample(fn, sampler=sampler, steps=steps, train_schedule=diffusion, shape=(len(y), *shape),
+                       learn_sigma=model.learn_sigma, generator=generators, eta=eta, clip_denoised=clip_denoised,
+                       device=device, progress=progress)
+        outs.append(x.cpu())
     return torch.cat(outs)
 
 

@@ -27,37 +27,46 @@ class MetricsWindow:
     :meth:`add` only adds device tensors (no host sync inside a step); :meth:`read` reduces the window over
     ranks in one collective and reads it back once, at log steps. Losses are averaged over ranks (each holds
     the loss of its own samples); the gradient norm is already global; bad samples (counted on the host by
-    each rank's loader, cumulative) are summed over ranks in the same collective.
+    each rank's loader, cumulative) are summed over ranks in the same collective. ``extra`` names further
+    per-rank losses (e.g. REPA's ``repa_loss``), averaged like the loss and read back in the same collective.
     """
 
-    def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int):
+    def __init__(self, device: torch.device, reduce_mean: Callable[[torch.Tensor], torch.Tensor], world_size: int,
+                 extra: tuple[str, ...] = ()):
         self.reduce_mean = reduce_mean
         self.world_size = world_size
-        self.sums = torch.zeros(5, device=device)  # loss, grad norm, steps, bad samples, applied steps
+        self.extra = tuple(extra)
+        # loss, grad norm, steps, bad samples, applied steps, then the extra losses
+        self.sums = torch.zeros(5 + len(self.extra), device=device)
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool = True) -> None:
-        """Account one optimizer step; a skipped (non-finite) step counts for throughput, not for the means."""
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool = True,
+            extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Account one optimizer step (``extra``: a value for each name of the window's ``extra``); a skipped
+        (non-finite) step counts for throughput, not for the means."""
         self.sums[2] += 1
         if applied:
             self.sums[0] += loss
             self.sums[1] += grad_norm
             self.sums[4] += 1
+            for i, name in enumerate(self.extra):
+                self.sums[5 + i] += extra[name]
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (e.g. an evaluation) out of the window's wall time."""
         self.start += seconds
 
     def read(self, bad_samples: int) -> dict[str, float]:
-        """Means over the window's applied steps (``loss``, ``grad_norm``; NaN when every step was skipped), its
-        ``steps`` and wall time ``seconds``, and the run's ``bad_samples`` over all ranks; then start a new
-        window. Collective."""
+        """Means over the window's applied steps (``loss``, ``grad_norm``, and ``extra`` as a dict; NaN when every
+        step was skipped), its ``steps`` and wall time ``seconds``, and the run's ``bad_samples`` over all ranks;
+        then start a new window. Collective."""
         self.sums[3] = bad_samples
-        loss, grad_norm, steps, bad, applied = self.reduce_mean(self.sums.clone()).tolist()
+        loss, grad_norm, steps, bad, applied, *extra = self.reduce_mean(self.sums.clone()).tolist()
         now = time.perf_counter()
         applied = applied or float("nan")
         out = {"loss": loss / applied, "grad_norm": grad_norm / applied, "steps": steps,
-               "seconds": now - self.start, "bad_samples": round(bad * self.world_size)}
+               "seconds": now - self.start, "bad_samples": round(bad * self.world_size),
+               "extra": {name: value / applied for name, value in zip(self.extra, extra)}}
         self.sums.zero_()
         self.start = now
         return out

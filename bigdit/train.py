@@ -12,6 +12,8 @@ how the global batch is split, and each rank draws only its own samples.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,8 @@ import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import Schedule, make_schedule, q_sample, timesteps_from_uniform, training_losses
+from bigdit.diffusion import build_objective
+from bigdit.diffusion.objective import Objective
 from bigdit.ema import EMA, PowerEMA, build_ema
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
@@ -41,6 +44,7 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
+from bigdit.repa import HiddenTap, alignment_loss, alignment_weight, attach_projector, check_repa_data, repa_enabled
 from bigdit.snapshots import Snapshots, check_snapshot_every
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -105,12 +109,14 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
-    """A run directory holds one model: refuse to resume it with a different model or diffusion."""
+    """A run directory holds one model: refuse to resume it with a different model, diffusion or REPA setup."""
     saved_path = run_dir / "config.yaml"
     if latest_checkpoint(run_dir / "checkpoints") is None or not saved_path.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-    for section in ("model", "diffusion"):
+    for section in ("model", "diffusion", "repa"):
+        if section == "repa" and section not in saved:  # runs from before REPA: none
+            saved[section] = {"enabled": False}
         now = OmegaConf.to_container(cfg[section], resolve=True)
         # a switch added after the run was saved (e.g. model.qk_norm) reads as off in the older config
         was = {**{k: v for k, v in now.items() if v in (False, None)}, **saved.get(section, {})}
@@ -166,7 +172,8 @@ class Session:
     strategy: Strategy
     plan: BatchPlan
     data: Loader
-    schedule: Schedule
+    #: the diffusion kind's time draw, noised input and loss (cfg.diffusion)
+    objective: Objective
     ema: EMA | PowerEMA
     ckpt: Checkpointer
     #: the cached empty-prompt CLIP tokens on the device (text-to-image), None for class labels
@@ -179,6 +186,8 @@ class Session:
     skipped_steps: int = 0
     #: consecutive skipped steps up to now (a fresh process starts at 0)
     skipped_in_a_row: int = 0
+    #: REPA's projected hidden state (repa.enabled), None without REPA
+    repa: HiddenTap | None = None
 
     def checkpoint(self) -> None:
         """Write a checkpoint of the current step (collective)."""
@@ -202,6 +211,19 @@ class Session:
                 f"checkpoint with run.resume_step=N")
 
 
+def build_loader(cfg: DictConfig, plan: BatchPlan, rank: int) -> Loader:
+    """This rank's ``cfg.data`` loader; with REPA it also delivers the shards' REPA features (``repa_feats``)."""
+    make = instantiate(cfg.data, _partial_=True)  # _partial_ keeps hydra from turning the BatchPlan into a config
+    extra = {}
+    if repa_enabled(cfg):
+        if "repa_feats" not in inspect.signature(make.func).parameters:
+            raise ValueError(f"REPA aligns to features stored in shards, but data={cfg.data._target_} reads "
+                             f"none: encode with tools/encode_latents.py repa_encoder={cfg.repa.encoder} and train "
+                             f"with data=wds or data=mds on its output (or repa=none)")
+        extra["repa_feats"] = True
+    return make(plan=plan, rank=rank, seed=cfg.run.seed, **extra)
+
+
 def setup(cfg: DictConfig) -> Session:
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
     if cfg.run.precision not in ("fp32", "bf16"):
@@ -210,25 +232,30 @@ def setup(cfg: DictConfig) -> Session:
         raise ValueError(f"run.nonfinite must be one of {', '.join(NONFINITE)} (got {cfg.run.nonfinite!r}) and "
                          f"run.max_skipped >= 1 (got {cfg.run.max_skipped})")
     check_loggers(cfg.run.loggers)
+    objective = build_objective(OmegaConf.to_container(cfg.diffusion, resolve=True), cfg.model.learn_sigma)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     check_snapshot_every(cfg.ema, plan.global_batch)
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
     check_resume_compatible(run_dir, cfg)
-    # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
-    data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
+    data = build_loader(cfg, plan, strategy.info.rank)
     check_model_matches_data(cfg.model, data)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = apply_block_options(build_model(**cfg.model), cfg.run.activation_checkpointing, cfg.run.compile)
+    model = build_model(**cfg.model)
+    tap = None
+    if repa_enabled(cfg):  # the projector joins the model before any strategy wraps it
+        check_repa_data(cfg.repa, data.repa, attach_projector(model, cfg.repa), cfg.data._target_)
+        tap = HiddenTap(model, int(cfg.repa.depth))
+    model = apply_block_options(model, cfg.run.activation_checkpointing, cfg.run.compile)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)
     text = cfg.model.get("context_dim") is not None
-    s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), build_ema(cfg.ema, strategy.ema_targets()),
+    s = Session(cfg, strategy, plan, data, objective, build_ema(cfg.ema, strategy.ema_targets()),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
-                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
+                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), repa=tap)
     restored = s.ckpt.load_latest(cfg.run.resume_step)
     if restored is not None:
         extra, ema_state = restored
@@ -247,32 +274,46 @@ def setup(cfg: DictConfig) -> Session:
     return s
 
 
-def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean loss
-    and the global gradient norm as device tensors, the learning rate used, and whether the update was applied
-    (False: a non-finite loss or gradient, the optimizer and EMA updates skipped on every rank)."""
+def alignment(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """REPA's alignment loss of a micro-batch: the projected hidden state of its forward against its features."""
+    target = batch["repa_feats"].to(s.strategy.device, non_blocking=True).float()
+    return alignment_loss(s.repa.take().float(), target).mean()
+
+
+def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool, dict[str, torch.Tensor]]:
+    """Optimizer step ``step`` over this rank's micro-batches, then the EMA update. Returns this rank's mean
+    (diffusion) loss and the global gradient norm as device tensors, the learning rate used, whether the update
+    was applied (False: a non-finite loss or gradient, the optimizer and EMA updates skipped on every rank), and
+    further per-rank losses by name (REPA's ``repa_loss``)."""
     cfg, strategy, plan = s.cfg, s.strategy, s.plan
     device, rank = strategy.device, strategy.info.rank
     lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
     for group in strategy.optimizer.param_groups:
         group["lr"] = lr
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
-    mean_loss = torch.zeros((), device=device)
+    mean_loss, mean_align = torch.zeros((), device=device), torch.zeros((), device=device)
+    # After repa.stop_step the weight is 0 but the term stays in the graph: every strategy then still sees the
+    # projector's parameters used (DDP would stop on unused ones), and repa_loss keeps being logged.
+    weight = alignment_weight(step, cfg.repa.coeff, cfg.repa.stop_step) if s.repa else 0.0
     for micro, batch in enumerate(s.data.micro_batches(step)):
         draws = draw_samples(cfg.run.seed, step, plan.span(rank, micro), s.data.sample_shape, s.drop_prob, device)
         x0 = batch["x"].to(device, non_blocking=True)
         y = conditioning(batch, draws.drop, s.empty_context, device)
-        t = timesteps_from_uniform(draws.u, s.schedule.num_timesteps)
-        xt = q_sample(s.schedule, x0, t, draws.noise)
-        with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
+        t = s.objective.time(draws.u)
+        xt = s.objective.noised(x0, t, draws.noise)
+        with (strategy.no_sync(micro < plan.accum_steps - 1), autocast,
+              s.repa.capture() if s.repa else contextlib.nullcontext()):
             out = strategy.model(xt, t, y, force_drop_ids=draws.drop)
-        loss = training_losses(s.schedule, out.float(), x0, xt, t, draws.noise, cfg.model.learn_sigma)["loss"].mean()
-        strategy.backward(loss / plan.accum_steps)
+        loss = s.objective.loss(out.float(), x0, xt, t, draws.noise).mean()
+        align = alignment(s, batch) if s.repa else None
+        strategy.backward((loss if align is None else loss + weight * align) / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
+        if align is not None:
+            mean_align += align.detach() / plan.accum_steps
     grad_norm, applied = strategy.optimizer_step(cfg.optim.grad_clip, skip_nonfinite=cfg.run.nonfinite != "off")
     if applied:
         s.ema.update([tensor for _, tensor in strategy.ema_targets()], step + 1)
-    return mean_loss, grad_norm, lr, applied
+    return mean_loss, grad_norm, lr, applied, ({"repa_loss": mean_align} if s.repa else {})
 
 
 def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: float | None,
@@ -282,7 +323,7 @@ def log_record(s: Session, window: dict[str, float], lr: float, flops_per_img: f
     record = {"step": s.step, "nimg": s.nimg, "loss": window["loss"], "lr": lr, "grad_norm": window["grad_norm"],
               "img_per_s": img_per_s, "step_time_s": window["seconds"] / window["steps"],
               "peak_mem_gib": peak_memory_gib(s.strategy.device), "bad_samples": window["bad_samples"],
-              "skipped_steps": s.skipped_steps}
+              "skipped_steps": s.skipped_steps, **window["extra"]}
     if flops_per_img:
         record["tflops_per_gpu"] = img_per_s * flops_per_img / s.strategy.info.world_size / 1e12
         record["mfu"] = record["tflops_per_gpu"] / peak_tflops
@@ -296,10 +337,11 @@ def train(cfg: DictConfig) -> None:
     log = MetricsLog(Path(run.dir) / "metrics.jsonl", s.step) if strategy.is_main else None
     trackers = Trackers(run.loggers if strategy.is_main else [], run.dir, OmegaConf.to_container(cfg, resolve=True),
                         s.step, OmegaConf.to_container(run.wandb, resolve=True))
-    window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size)
+    window = MetricsWindow(strategy.device, strategy.all_reduce_mean, strategy.info.world_size,
+                           extra=("repa_loss",) if s.repa else ())
     flops_per_img = train_flops_per_sample(strategy.module)  # None for backbones without a formula
     peak_tflops = (run.peak_tflops or peak_device_tflops(strategy.device, run.precision)) if flops_per_img else None
-    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.schedule, on_grid=trackers.log_image)
+    evaluation = (TrainingEvaluation(cfg, strategy, s.ema, s.objective.diffusion, on_grid=trackers.log_image)
                   if cfg.eval.every or cfg.eval.grid_every else None)
     profiler = StepProfiler(run.profile and strategy.is_main, Path(run.dir) / "profile", strategy.device)
     guard = PreemptionGuard.for_strategy(strategy, run.dir)  # inert unless started by bigdit.launch (SLURM/submitit)
@@ -307,8 +349,8 @@ def train(cfg: DictConfig) -> None:
                  if isinstance(s.ema, PowerEMA) else None)
 
     while s.step < run.steps:
-        loss, grad_norm, lr, applied = train_step(s, s.step)
-        window.add(loss, grad_norm, applied)
+        loss, grad_norm, lr, applied, extra = train_step(s, s.step)
+        window.add(loss, grad_norm, applied, extra)
         s.step, s.nimg = s.step + 1, s.nimg + s.plan.global_batch
         halt = s.count_skip(applied)  # why non-finite steps stop the run now, or None
         profiler.step()

@@ -2,7 +2,7 @@
 """Encode images into latent shards: ``python tools/encode_latents.py input=<images> out=<dir> vae=<hub id|dir|none>``.
 
 Keys (configs/encode_latents.yaml, or ``--help``): input, out, format=wds|mds, vae, resolution, flip,
-batch_size, shard_size. Any number of processes (torchrun ranks, SLURM tasks or array tasks) write disjoint
+batch_size, shard_size, and for REPA repa_encoder (the patch features of each image, :mod:`bigdit.repa_features`). Any number of processes (torchrun ranks, SLURM tasks or array tasks) write disjoint
 shards, and each shard holds the same samples whatever their number:
 
 - listed inputs (an image folder, ``sklearn:digits``): the list is shuffled with ``seed`` and cut into
@@ -42,6 +42,7 @@ from bigdit.data.schema import ChannelStats, Manifest, shard_name
 from bigdit.data.shards import finalize, shard_io, write_shard
 from bigdit.fsio import write_json_atomic
 from bigdit.launch import run_or_submit, work_slice
+from bigdit.repa_features import PatchFeatures, default_input_size, load_patch_encoder
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 #: Folder (under ``out``) of the input tar records: ``<t>.json`` once every shard of tar ``t`` is written.
@@ -65,12 +66,12 @@ def load_vae(cfg: DictConfig, device: torch.device):
 
 class ShardOut:
     """One output shard being written (a held-open :func:`bigdit.data.shards.write_shard` block): encodes pixel
-    batches into it. ``close()`` finishes it and writes its record (count, bytes, latent shape, channel stats and
+    batches into it (with ``repa``, also their REPA features). ``close()`` finishes it and writes its record (count, bytes, latent shape, channel stats and
     ``skipped``, the input samples dropped from it, which the caller may fill in); ``close(*exc_info)`` drops it.
     Also a ``with`` block."""
 
-    def __init__(self, cfg: DictConfig, root: Path, name: str, vae):
-        self.vae, self.flip = vae, bool(cfg.flip)
+    def __init__(self, cfg: DictConfig, root: Path, name: str, vae, repa: PatchFeatures | None = None):
+        self.vae, self.flip, self.repa = vae, bool(cfg.flip), repa
         self.record: dict[str, Any] = {"skipped": []}
         self.stats, self.shape = ChannelStats(), None
         self._block = write_shard(root, cfg.format, name, self.record)
@@ -89,11 +90,13 @@ class ShardOut:
         """Encode ``pixels`` (N, C, H, W) in [-1, 1] and write them with the other fields of ``samples``."""
         m = self._moments(pixels)
         f = self._moments(pixels.flip(3)) if self.flip else None
+        r = None if self.repa is None else self.repa(pixels).cpu().half().numpy()
         c = m.shape[1] // 2
         self.shape = [c, m.shape[2], m.shape[3]]
         self.stats.add(m[:, :c])
         for j, sample in enumerate(samples):
-            self._writer.write(dict(sample, moments=m[j], moments_flip=None if f is None else f[j]))
+            self._writer.write(dict(sample, moments=m[j], moments_flip=None if f is None else f[j],
+                                    repa_feats=None if r is None else r[j]))
 
     def close(self, *exc: Any) -> None:
         """Finish the shard and write its record; given an exception's (type, value, traceback), drop it instead."""
@@ -118,11 +121,12 @@ class _Pixels(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {self.items[i].source} (key {self.items[i].key}): {e}") from e
 
 
-def encode_shard(cfg: DictConfig, root: Path, name: str, items: list[Item], vae, progress) -> dict:
+def encode_shard(cfg: DictConfig, root: Path, name: str, items: list[Item], vae, progress,
+                 repa: PatchFeatures | None = None) -> dict:
     """Encode ``items`` into shard ``name``; returns its record (count, bytes, latent shape, stats)."""
     loader = torch.utils.data.DataLoader(_Pixels(items, cfg.resolution), batch_size=cfg.batch_size,
                                          num_workers=cfg.num_workers)
-    with ShardOut(cfg, root, name, vae) as out:
+    with ShardOut(cfg, root, name, vae, repa) as out:
         start = 0
         for pixels in loader:
             batch = items[start : start + len(pixels)]
@@ -216,7 +220,8 @@ def _record_tar(root: Path, t: int, url: str, count: int, shard_size: int, empty
     write_json_atomic(input_record_path(root, t), {"url": url, "count": count, "shards": shards, "skipped": skipped})
 
 
-def encode_tars(cfg: DictConfig, root: Path, tars: list[tuple[int, str]], vae, progress) -> tuple[int, int]:
+def encode_tars(cfg: DictConfig, root: Path, tars: list[tuple[int, str]], vae, progress,
+                repa: PatchFeatures | None = None) -> tuple[int, int]:
     """Encode input tars ``[(index, url)]`` into their shards, then record each tar; returns the images encoded
     and skipped."""
     if not tars:  # no DataLoader workers to start
@@ -236,7 +241,7 @@ def encode_tars(cfg: DictConfig, root: Path, tars: list[tuple[int, str]], vae, p
             name = part_name(msg["tar"], msg["part"])
             if msg["samples"]:
                 if name not in writing:
-                    writing[name] = ShardOut(cfg, root, name, vae)
+                    writing[name] = ShardOut(cfg, root, name, vae, repa)
                 writing[name].add(msg["pixels"], msg["samples"])
                 encoded += len(msg["samples"])
                 progress.update(len(msg["samples"]))
@@ -267,7 +272,8 @@ def tar_records(root: Path, n: int) -> list[dict[str, Any]] | None:
 
 
 #: The keys that decide what each shard holds: a rerun may only resume shards made with the same values.
-SHARD_KEYS = ("input", "format", "vae", "vae_subfolder", "resolution", "flip", "shard_size", "shuffle", "seed", "limit")
+SHARD_KEYS = ("input", "format", "vae", "vae_subfolder", "resolution", "flip", "shard_size", "shuffle", "seed", "limit",
+              "repa_encoder", "repa_model", "repa_input_size", "repa_layer")
 
 
 def check_same_settings(cfg: DictConfig, root: Path) -> None:
@@ -276,12 +282,24 @@ def check_same_settings(cfg: DictConfig, root: Path) -> None:
     path = root / "encode_settings.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        # keys added later (repa_*) are absent from older records, which were written without them
+        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k, "None") != v}
         if diff:
             raise ValueError(f"{root} holds shards encoded with other settings {diff} (before, now): "
                              f"use a new out, or the original settings to resume")
     else:
         write_json_atomic(path, now)
+
+
+def load_repa(cfg: DictConfig, resolution: int, device: torch.device) -> PatchFeatures | None:
+    """REPA's encoder (``repa_encoder``) at ``repa_input_size`` (default REPA's, 224 per 256 pixels), or None."""
+    if cfg.repa_encoder is None:
+        return None
+    size = int(cfg.repa_input_size or default_input_size(resolution))
+    encoder = load_patch_encoder(str(cfg.repa_encoder), size, int(cfg.repa_layer), cfg.repa_model, device)
+    print(f"REPA features: {cfg.repa_encoder} at {size}x{size}, block {encoder.layer}, {encoder.tokens} x "
+          f"{encoder.dim} per image (float16)", flush=True)
+    return encoder
 
 
 def run(cfg: DictConfig) -> Manifest | None:
@@ -319,8 +337,10 @@ def run(cfg: DictConfig) -> Manifest | None:
     if str(cfg.vae).lower() != "none":
         vae = load_vae(cfg, device)
         scale, shift = vae_scaling(vae)
+    repa = load_repa(cfg, 8 if spec == DIGITS else int(cfg.resolution), device)
     base = Manifest(format=cfg.format, latent_shape=[], vae=str(cfg.vae), scaling_factor=scale, shift_factor=shift,
-                    resolution=8 if spec == DIGITS else int(cfg.resolution), flip=bool(cfg.flip), classes=classes)
+                    resolution=8 if spec == DIGITS else int(cfg.resolution), flip=bool(cfg.flip), classes=classes,
+                    repa=None if repa is None else repa.record(str(cfg.repa_encoder), cfg.repa_model))
 
     t0 = time.perf_counter()
     if urls is None:
@@ -330,7 +350,8 @@ def run(cfg: DictConfig) -> Manifest | None:
               f"({n_todo} images) to encode here, vae={cfg.vae} on {device}", flush=True)
         with tqdm(total=n_todo, unit="img", disable=not cfg.progress) as progress:
             for i in todo:
-                encode_shard(cfg, root, names[i], items[i * cfg.shard_size : (i + 1) * cfg.shard_size], vae, progress)
+                encode_shard(cfg, root, names[i], items[i * cfg.shard_size : (i + 1) * cfg.shard_size], vae, progress,
+                             repa)
         skipped: list[dict[str, Any]] = []
     else:
         (root / INPUTS).mkdir(exist_ok=True)
@@ -338,7 +359,7 @@ def run(cfg: DictConfig) -> Manifest | None:
         print(f"rank {rank}/{world}: {len(urls)} input tars, {len(mine)} to encode here (tar t when t % {world} == "
               f"{rank}, in shards of at most {cfg.shard_size} samples), vae={cfg.vae} on {device}", flush=True)
         with tqdm(unit="img", disable=not cfg.progress) as progress:
-            n_todo, n_skipped = encode_tars(cfg, root, mine, vae, progress)
+            n_todo, n_skipped = encode_tars(cfg, root, mine, vae, progress, repa)
         print(f"rank {rank}: {n_todo} images encoded, {n_skipped} bad ones skipped", flush=True)
         records = tar_records(root, len(urls))
         names = None if records is None else [n for r in records for n in r["shards"]]

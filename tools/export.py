@@ -68,7 +68,7 @@ def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, mode
     weights = {which: consolidated_weights(ckpt, run_cfg.model, which) for which in
                (("model", "ema") if cfg.raw else ("ema",))}
     write_safetensors(out, run_cfg.model, model, weights)
-    return safetensors_usage(out, run_cfg.model, settings, manifest, run_dir)
+    return safetensors_usage(out, run_cfg, settings, manifest, run_dir)
 
 
 def export_diffusers(run_cfg: DictConfig, model, ckpt: Path, out: Path, manifest, vae: str,
@@ -122,6 +122,11 @@ def run(cfg: DictConfig) -> Path:
     vae = cfg.get("vae") or (manifest.vae if manifest is not None else None)
     if fmt == "diffusers":  # refused before any checkpoint is read
         from bigdit.diffusers_export import check_exportable
+        from bigdit.diffusion import diffusion_kind
+
+        if diffusion_kind(run_cfg.get("diffusion")) == "flow":
+            raise ValueError("a flow-matching run (diffusion=flow) has no diffusers DiTPipeline form (its scheduler is "
+                             "DDIM on betas): export it with format=safetensors and sample it with tools/sample.py")
 
         with torch.device("meta"):
             check_exportable(build_model(**model_cfg), model_cfg["name"], vae,
@@ -133,7 +138,7 @@ def run(cfg: DictConfig) -> Path:
         raise FileNotFoundError(f"no checkpoint {'latest' if cfg.step is None else step_tag(cfg.step)} in {ckpt_root}")
     out = Path(cfg.out) if cfg.out else run_dir / "export" / (ckpt.name + ("-diffusers" if fmt == "diffusers" else ""))
     out.mkdir(parents=True, exist_ok=True)
-    defaults = sample_defaults()
+    defaults = sample_defaults(run_cfg)
     settings, _ = sampler_settings(run_cfg, defaults)
     model = build_model(**model_cfg)
     if fmt == "safetensors":

@@ -58,10 +58,10 @@ def export_width(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, sigma_rel:
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(**run_cfg.model)
     write_safetensors(out, run_cfg.model, model, {"ema": rec.weights})
-    defaults = sample_defaults()
+    defaults = sample_defaults(run_cfg)
     settings, _ = sampler_settings(run_cfg, defaults)
     _, manifest = run_manifest(run_cfg)
-    usage = safetensors_usage(out, run_cfg.model, settings, manifest)
+    usage = safetensors_usage(out, run_cfg, settings, manifest)
     snap_dir = run_dir / "phema" / step_tag(rec.step)
     notes = (f"### Post-hoc EMA\n\nThe EMA of relative width sigma_rel = {sigma_rel} at step {rec.step} ({rec.nimg:,} "
              f"images), reconstructed (EDM2's least squares) from {len(rec.terms)} power-EMA snapshots up to "
@@ -78,7 +78,7 @@ def export_width(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, sigma_rel:
 
 def sample_command(cfg: DictConfig, run_cfg: DictConfig, export: Path) -> list[str]:
     """The tools/sample.py command that samples an export for FID (``ckpt=`` with the run's settings and VAE)."""
-    settings, _ = sampler_settings(run_cfg, sample_defaults())
+    settings, _ = sampler_settings(run_cfg, sample_defaults(run_cfg))
     settings.update(OmegaConf.to_container(cfg.eval.sampler, resolve=True) if cfg.eval.sampler else {})
     _, manifest = run_manifest(run_cfg)
     args = [f"ckpt={export / 'ema.safetensors'}", f"model={hydra_dict(OmegaConf.to_container(run_cfg.model, resolve=True))}",

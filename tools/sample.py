@@ -50,10 +50,11 @@ from bigdit.batching import stream_seed
 from bigdit.codec import LatentCodec
 from bigdit.data.schema import Manifest
 from bigdit.data.shard_dataset import empty_prompt_context
-from bigdit.diffusion import CFG_CONVENTIONS, GUIDANCE_MODES, SAMPLERS, dit_cfg_scale, make_schedule, space_timesteps
+from bigdit.diffusion import (CFG_CONVENTIONS, DIFFUSION_FORMS, FLOW_SAMPLERS, GUIDANCE_MODES, LAST_STEPS, SAMPLERS,
+                              Schedule, build_diffusion, check_guidance_interval, dit_cfg_scale, space_timesteps)
 from bigdit.fsio import atomic_path, write_json_atomic
-from bigdit.inference import (DEFAULT_SETTINGS, PRECISIONS, checkpoint_dir, generate, image_decoder, load_run,
-                              resolve_device, save_grid, to_uint8_images)
+from bigdit.inference import (FLOW_SAMPLER_KEYS, PRECISIONS, check_sampler_kind, checkpoint_dir, default_settings,
+                              generate, image_decoder, load_run, resolve_device, save_grid, to_uint8_images)
 from bigdit.launch import run_or_submit, work_slice
 from bigdit.models import build_model, load_weights
 
@@ -77,10 +78,15 @@ def check_keys(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
         if cfg.model is None:
             raise ValueError("ckpt= needs the model config, e.g. 'model={name: DiT-XL/2, input_size: 32}'")
-    for key, valid in (("sampler", SAMPLERS), ("guidance", GUIDANCE_MODES), ("cfg_convention", CFG_CONVENTIONS),
-                       ("labels", LABELS), ("precision", PRECISIONS)):
+    elif cfg.diffusion is not None:
+        raise ValueError("diffusion= is for ckpt=; run= samples with the diffusion the run was trained with")
+    for key, valid in (("sampler", SAMPLERS + FLOW_SAMPLERS), ("guidance", GUIDANCE_MODES),
+                       ("cfg_convention", CFG_CONVENTIONS), ("labels", LABELS), ("precision", PRECISIONS),
+                       ("diffusion_form", DIFFUSION_FORMS), ("last_step", LAST_STEPS)):
         if cfg[key] is not None and cfg[key] not in valid:
             raise ValueError(f"unknown {key}={cfg[key]!r}; valid: {', '.join(valid)}")
+    if cfg.guidance_interval is not None:
+        check_guidance_interval(cfg.guidance_interval)
     for key in ("batch_size", "num_samples", "per_class", "steps"):
         if cfg[key] is not None and int(cfg[key]) <= 0:
             raise ValueError(f"{key}={cfg[key]} must be positive")
@@ -89,13 +95,18 @@ def check_keys(cfg: DictConfig) -> None:
                          "(labels=balanced|uniform): give one of them")
 
 
-def check_settings(s: dict) -> None:
-    """The resolved sampler settings (command, else the run's preset, else DiT's) are valid."""
-    for key, valid in (("sampler", SAMPLERS), ("guidance", GUIDANCE_MODES), ("cfg_convention", CFG_CONVENTIONS)):
+def check_settings(s: dict, diffusion) -> None:
+    """The resolved sampler settings (command, else the run's preset, else the defaults) are valid, and the
+    sampler is of the run's diffusion kind (a flow run refuses DDPM samplers and a Gaussian one flow samplers)."""
+    for key, valid in (("sampler", SAMPLERS + FLOW_SAMPLERS), ("guidance", GUIDANCE_MODES),
+                       ("cfg_convention", CFG_CONVENTIONS)):
         if s[key] not in valid:
             raise ValueError(f"unknown {key}={s[key]!r} (from the run's preset); valid: {', '.join(valid)}")
+    check_sampler_kind(diffusion, s["sampler"])
     if int(s["steps"]) <= 0:
         raise ValueError(f"steps={s['steps']} must be positive")
+    if s["guidance_interval"] is not None:
+        check_guidance_interval(s["guidance_interval"])
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, int | None]:
@@ -121,11 +132,17 @@ def default_out(cfg: DictConfig, ckpt: Path) -> Path:
     return base / f"{ckpt.name if cfg.run is not None else ckpt.stem}-n{cfg.num_samples}"
 
 
-def settings(cfg: DictConfig, run_cfg: DictConfig | None) -> dict:
-    """Sampler settings: the command's, else the run preset's ``sample:`` section, else DiT's defaults."""
+def settings(cfg: DictConfig, run_cfg: DictConfig | None, diffusion) -> dict:
+    """Sampler settings: the command's, else the run preset's ``sample:`` section, else the defaults of the run's
+    diffusion kind (DiT's for Gaussian runs, SiT's SDE for flow runs)."""
+    given = [k for k in FLOW_SAMPLER_KEYS if cfg[k] is not None]
+    if given and isinstance(diffusion, Schedule):
+        raise ValueError(f"{', '.join(given)} are flow sampler settings, but this run is a Gaussian diffusion: drop them")
     preset = run_cfg.get("sample") if run_cfg is not None else None
     preset = OmegaConf.to_container(preset, resolve=True) if preset is not None else {}
-    return {k: cfg[k] if cfg[k] is not None else preset.get(k, default) for k, default in DEFAULT_SETTINGS.items()}
+    chosen = {k: cfg[k] if cfg[k] is not None else preset.get(k, default)
+              for k, default in default_settings(diffusion).items()}
+    return OmegaConf.to_container(OmegaConf.create(chosen), resolve=True)  # plain lists, not ListConfig
 
 
 def data_manifest(run_cfg: DictConfig | None) -> tuple[str | None, Manifest | None]:
@@ -219,6 +236,7 @@ def sample_settings(cfg: DictConfig, s: dict, ckpt: Path, step: int | None, clip
     return json.loads(json.dumps({
         "checkpoint": str(ckpt), "step": step, "weights": cfg.weights,
         "model": OmegaConf.to_container(cfg.model, resolve=True) if cfg.ckpt is not None else None,
+        **({"diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True)} if cfg.diffusion is not None else {}),
         "num_samples": int(cfg.num_samples) if cfg.num_samples is not None else None, "labels": mode,
         "per_class": int(cfg.per_class or DEFAULT_PER_CLASS) if mode == "grid" else None,
         "classes": None if text else names,
@@ -227,7 +245,10 @@ def sample_settings(cfg: DictConfig, s: dict, ckpt: Path, step: int | None, clip
         "embeddings": str(Path(cfg.embeddings).resolve()) if cfg.embeddings is not None else None,
         "sampler": s["sampler"], "steps": int(s["steps"]),
         "cfg_scale": dit_cfg_scale(s["cfg_scale"], s["cfg_convention"]), "cfg_convention": "dit",
-        "guidance": s["guidance"], "eta": float(cfg.eta) if s["sampler"] == "ddim" else None,
+        "guidance": s["guidance"],
+        **({"guidance_interval": s["guidance_interval"]} if s["guidance_interval"] is not None else {}),
+        **{k: s[k] for k in FLOW_SAMPLER_KEYS if k in s},
+        "eta": float(cfg.eta) if s["sampler"] == "ddim" else None,
         "clip_denoised": bool(clip_denoised), "seed": int(cfg.seed), "batch_size": int(cfg.batch_size),
         "precision": cfg.precision, "vae": cfg.vae, "vae_scale": cfg.vae_scale,
     }))
@@ -306,8 +327,9 @@ def run(cfg: DictConfig) -> dict | None:
     out = Path(cfg.out) if cfg.out else default_out(cfg, ckpt)
     device = resolve_device(cfg.device)
     model, run_cfg = load_model(cfg, step)
-    s = settings(cfg, run_cfg)
-    check_settings(s)
+    diffusion = build_diffusion(run_cfg.diffusion if run_cfg is not None else cfg.diffusion)
+    s = settings(cfg, run_cfg, diffusion)
+    check_settings(s, diffusion)
     root, manifest = data_manifest(run_cfg)
 
     null, prompts = None, None
@@ -337,18 +359,18 @@ def run(cfg: DictConfig) -> dict | None:
     pixels = manifest is None or manifest.vae == "none"
     clip_denoised = (pixels and cfg.vae is None) if cfg.clip_denoised is None else bool(cfg.clip_denoised)
     cfg_scale = dit_cfg_scale(s["cfg_scale"], s["cfg_convention"])
-    schedule = make_schedule(**(run_cfg.diffusion if run_cfg is not None else
-                                OmegaConf.load(Path(CONFIG_DIR) / "diffusion" / "gaussian.yaml")))
     if s["sampler"] == "ddim":  # DDIM's fixed stride must exist: fail now, not after the model is on the device
-        space_timesteps(schedule.num_timesteps, f"ddim{s['steps']}")
+        space_timesteps(diffusion.num_timesteps, f"ddim{s['steps']}")
     decode = make_decoder(cfg, manifest, device, model.in_channels)
     settings_ = sample_settings(cfg, s, ckpt, step, clip_denoised, plan.mode, names)
+    flow_settings = {} if isinstance(diffusion, Schedule) else {k: s[k] for k in FLOW_SAMPLER_KEYS}
 
     def sample_chunk(c: int) -> tuple[np.ndarray, np.ndarray]:
         span = plan.chunk(c)
         which = plan.cond_index(span)
-        x = generate(model, schedule, conds[which], null=null, sampler=s["sampler"], steps=int(s["steps"]),
-                     cfg_scale=cfg_scale, guidance=s["guidance"], eta=cfg.eta, clip_denoised=clip_denoised,
+        x = generate(model, diffusion, conds[which], null=null, sampler=s["sampler"], steps=int(s["steps"]),
+                     cfg_scale=cfg_scale, guidance=s["guidance"], guidance_interval=s["guidance_interval"],
+                     eta=cfg.eta, clip_denoised=clip_denoised, **flow_settings,
                      seed=int(cfg.seed), indices=torch.tensor(list(span)), batch_size=len(span),
                      precision=cfg.precision, device=device)
         return to_uint8_images(decode(x)), values[which].numpy().astype(np.int64)

@@ -42,12 +42,15 @@ class Loader(Protocol):
     text_dim: int | None
     #: the cached empty-prompt CLIP tokens (T, D), what a dropped caption becomes; None without text
     empty_context: torch.Tensor | None
+    #: the shards' record of the REPA features each batch carries as ``repa_feats`` (encoder, layer, tokens, dim;
+    #: :class:`bigdit.data.schema.Manifest`), None when the batches carry none
+    repa: dict[str, Any] | None
     #: samples this rank skipped as bad so far (``data.skip_bad_samples=true``); 0 for loaders that cannot meet any
     bad_samples: int
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of optimizer step ``step``: ``x`` and ``y``
-        (and ``clip_tokens`` when ``text_dim`` is set)."""
+        (and ``clip_tokens`` when ``text_dim`` is set, ``repa_feats`` when ``repa`` is)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -103,9 +106,10 @@ class IndexedLoader:
     """Loader over a random-access :class:`Source`: the global batch of step ``s`` is stream positions
     ``[s * global_batch, (s + 1) * global_batch)``, so the loader is stateless (its state is the step)."""
 
-    #: in-memory sources have no text and no bad samples
+    #: in-memory sources have no text, no REPA features and no bad samples
     text_dim = None
     empty_context = None
+    repa = None
     bad_samples = 0
 
     def __init__(self, source: Source, plan: BatchPlan, rank: int, seed: int):

@@ -32,7 +32,7 @@ from bigdit.fsio import temp_name, write_atomic
 
 #: MDS column encodings of the sample fields.
 MDS_COLUMNS = {"key": "str", "moments": "ndarray", "moments_flip": "ndarray", "cls": "int", "txt": "str",
-               "clip_tokens": "ndarray", "clip_pooled": "ndarray", "json": "json"}
+               "clip_tokens": "ndarray", "clip_pooled": "ndarray", "repa_feats": "ndarray", "json": "json"}
 
 # streaming is imported inside the functions that use it: importing it takes seconds, and the tools that
 # only dispatch between formats (bigdit.data.shards) import this module whatever the format.
@@ -243,6 +243,8 @@ class MdsLoader(ShardDataset):
     streaming, which restarts the epoch's global sample order after those samples: a resumed run sees
     exactly the samples of an uninterrupted one for the same world size, workers and micro-batch.
 
+    ``repa_feats`` (set by the training loop for REPA) adds the stored REPA features to each batch.
+
     Latents are sampled with :class:`bigdit.codec.LatentCodec` in the training process, from a generator
     seeded by ``(seed, epoch, the micro-batch's sample indices)``, so they do not depend on worker timing
     or interruptions.
@@ -252,8 +254,9 @@ class MdsLoader(ShardDataset):
 
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
-        shapes = self._open_shards(root, remote, flip)
+                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
+                 repa_feats: bool = False):
+        shapes = self._open_shards(root, remote, flip, repa_feats)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         if env != (rank, plan.world_size):
             raise ValueError(f"data=mds: rank {rank} of {plan.world_size}, but the environment says RANK={env[0]} "
@@ -335,9 +338,10 @@ class MdsLoader(ShardDataset):
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
-        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings."""
+        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings and
+        ``repa_feats`` (float16) when asked for."""
         for raw in self.raw_micro_batches(step):
-            yield {k: raw[k] for k in ("x", "y", "clip_tokens", "clip_pooled") if k in raw}
+            yield {k: raw[k] for k in ("x", "y", "clip_tokens", "clip_pooled", "repa_feats") if k in raw}
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is dropped)."""

@@ -18,6 +18,8 @@ field               type                   meaning
 ``txt``             str                    optional caption
 ``clip_tokens``     float16 (T, D)         optional: CLIP per-token text states (after the final LN)
 ``clip_pooled``     float16 (D,)           optional: CLIP pooled text embedding
+``repa_feats``      float16 (P, D)         optional: REPA's target, the encoder's patch features of the
+                                           image (not flipped; :mod:`bigdit.repa_features`)
 ``json``            dict                   free metadata
 ==================  =====================  ==========================================================
 
@@ -49,7 +51,7 @@ MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.npz"
 
 #: The float16 array fields of a sample.
-ARRAY_FIELDS = ("moments", "moments_flip", "clip_tokens", "clip_pooled")
+ARRAY_FIELDS = ("moments", "moments_flip", "clip_tokens", "clip_pooled", "repa_feats")
 
 
 class SchemaError(ValueError):
@@ -94,6 +96,7 @@ class Manifest:
     flip: bool = False                  # moments_flip stored
     classes: list[str] = field(default_factory=list)
     text: dict[str, Any] | None = None  # {model, pretrained, layer, model_config, tokens, dim, pooled_dim} (cache_text)
+    repa: dict[str, Any] | None = None  # {encoder, model, input_size, layer, tokens, dim} (encode_latents repa_*)
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
     count: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)
@@ -110,6 +113,8 @@ class Manifest:
             out.append("moments_flip")
         if self.text is not None:
             out += ["clip_tokens", "clip_pooled"]
+        if self.repa is not None:
+            out.append("repa_feats")
         return out
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -121,6 +126,8 @@ class Manifest:
         if self.text is not None:
             out["clip_tokens"] = (int(self.text["tokens"]), int(self.text["dim"]))
             out["clip_pooled"] = (int(self.text.get("pooled_dim", self.text["dim"])),)
+        if self.repa is not None:
+            out["repa_feats"] = (int(self.repa["tokens"]), int(self.repa["dim"]))
         return out
 
     def codec(self, use_flip: bool = True) -> LatentCodec:

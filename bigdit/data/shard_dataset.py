@@ -74,8 +74,12 @@ class ShardDataset:
 
     format: str
 
-    def _open_shards(self, root: str, remote: str | None, flip: bool) -> dict[str, tuple[int, ...]]:
-        """Read the manifest of ``root`` (fetched from ``remote`` first); the array fields' expected shapes."""
+    def _open_shards(self, root: str, remote: str | None, flip: bool,
+                     repa_feats: bool = False) -> dict[str, tuple[int, ...]]:
+        """Read the manifest of ``root`` (fetched from ``remote`` first); the array fields' expected shapes.
+
+        ``repa_feats``: deliver the stored REPA features (refused when the shards have none, or with flips:
+        the features are of the unflipped image, so a flipped latent would be aligned to the wrong image)."""
         self.root = str(root)
         self.manifest = open_manifest(self.root, self.format, remote)
         self.codec = self.manifest.codec(use_flip=flip)
@@ -86,7 +90,18 @@ class ShardDataset:
         self.empty_context = empty_prompt_context(self.root, self.manifest, remote)
         #: identifies the shard set: a checkpoint records it, and resuming on changed shards is refused
         self.manifest_sha256 = hashlib.sha256((Path(self.root) / MANIFEST_NAME).read_bytes()).hexdigest()
-        return {k: v for k, v in self.manifest.shapes().items() if k != "moments_flip" or self.codec.use_flip}
+        #: the manifest's record of the REPA features the batches carry (``repa_feats``); None when not delivered
+        self.repa = self.manifest.repa if repa_feats else None
+        if repa_feats and self.repa is None:
+            raise SchemaError(f"{root} holds no REPA features: encode the images with tools/encode_latents.py "
+                              f"repa_encoder=<timm name or folder> (or train with repa=none)")
+        if repa_feats and self.codec.use_flip:
+            raise SchemaError(f"{root}: REPA features are of the unflipped images, so flipped latents cannot be "
+                              f"aligned to them: set data.flip=false (REPA trains without flips)")
+        skip = {"moments_flip"} if not self.codec.use_flip else set()
+        if not repa_feats:
+            skip.add("repa_feats")  # not read into batches unless asked for: 256 x 768 float16 per sample
+        return {k: v for k, v in self.manifest.shapes().items() if k not in skip}
 
     def check_same_shards(self, state: dict[str, Any]) -> None:
         """Refuse to resume from a checkpoint's data ``state`` taken on other shards (re-encoded, replaced or

@@ -40,7 +40,7 @@ from bigdit.fsio import atomic_path
 SUFFIX = ".tar"
 #: field -> tar member extension (the part of a member name after the key's dot).
 WDS_EXT = {"moments": "moments.npy", "moments_flip": "moments_flip.npy", "clip_tokens": "clip_tokens.npy",
-           "clip_pooled": "clip_pooled.npy", "cls": "cls", "txt": "txt", "json": "json"}
+           "clip_pooled": "clip_pooled.npy", "repa_feats": "repa_feats.npy", "cls": "cls", "txt": "txt", "json": "json"}
 EXT_FIELD = {v: k for k, v in WDS_EXT.items()}
 
 
@@ -324,6 +324,8 @@ class ShardStreams:
                                "y": torch.tensor([s.get("cls", -1) for s in samples], dtype=torch.int64)}
         if "clip_tokens" in arrays:  # kept float16 as stored: half the copy; the model casts
             out["clip_tokens"], out["clip_pooled"] = arrays["clip_tokens"], arrays["clip_pooled"]
+        if "repa_feats" in arrays:  # float16 as stored, like the text embeddings
+            out["repa_feats"] = arrays["repa_feats"]
         return out
 
 
@@ -366,15 +368,17 @@ class WdsLoader(ShardDataset):
     :class:`bigdit.codec.LatentCodec` (0: all in the training process, with the sample order of one
     worker); ``prefetch_factor`` micro-batches are queued per worker. The latent noise and flip choices
     come from a generator seeded by ``(seed, rank, micro-batch position)``, so they do not depend on
-    which worker made a batch or when.
+    which worker made a batch or when. ``repa_feats`` (set by the training loop for REPA) adds the stored
+    REPA features to each batch.
     """
 
     format = "wds"
 
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
-        shapes = self._open_shards(root, remote, flip)
+                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
+                 repa_feats: bool = False):
+        shapes = self._open_shards(root, remote, flip, repa_feats)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = resolve_pin_memory(pin_memory)
@@ -415,7 +419,8 @@ class WdsLoader(ShardDataset):
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
-        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings."""
+        plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings and
+        ``repa_feats`` (float16) when asked for."""
         for raw in self.raw_micro_batches(step):
             yield {k: v for k, v in raw.items() if k not in ("key", "pos", "bad")}
 

@@ -1,4 +1,5 @@
-"""Discrete Gaussian diffusion (ADM / DiT): schedules, losses and samplers as pure functions."""
+"""Discrete Gaussian diffusion (ADM / DiT) and flow matching (SiT): schedules, paths, losses and samplers as pure
+functions, and the training objective of each kind."""
 
 from bigdit.diffusion.gaussian import (
     BETA_SCHEDULES,
@@ -23,17 +24,33 @@ from bigdit.diffusion.sampling import (
     CFG_CONVENTIONS,
     GUIDANCE_MODES,
     SAMPLERS,
+    check_guidance_interval,
     ddim_sample,
     ddpm_sample,
     dit_cfg_scale,
     dpm_solver_sample,
+    guidance_time,
     guided_model_fn,
     sample,
 )
+from bigdit.diffusion.transport import Transport
+from bigdit.diffusion.flow_sampling import DIFFUSION_FORMS, FLOW_SAMPLERS, LAST_STEPS, flow_sample
+from bigdit.diffusion.objective import DIFFUSION_KINDS, build_diffusion, build_objective, diffusion_kind
 
 __all__ = [
     "BETA_SCHEDULES",
     "CFG_CONVENTIONS",
+    "DIFFUSION_FORMS",
+    "DIFFUSION_KINDS",
+    "FLOW_SAMPLERS",
+    "LAST_STEPS",
+    "Transport",
+    "build_diffusion",
+    "build_objective",
+    "check_guidance_interval",
+    "diffusion_kind",
+    "flow_sample",
+    "guidance_time",
     "GUIDANCE_MODES",
     "SAMPLERS",
     "Schedule",

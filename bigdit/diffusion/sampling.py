@@ -42,6 +42,8 @@ def guided_model_fn(
     null: int | torch.Tensor,
     guidance: str = "dit",
     in_channels: int | None = None,
+    interval: Sequence[float] | None = None,
+    time_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **model_kwargs: Any,
 ) -> ModelFn:
     """Wrap a conditional ``model(x, t, y, **model_kwargs)`` into a classifier-free-guided ``model_fn``.
@@ -63,6 +65,10 @@ def guided_model_fn(
     With ``cfg_scale == 1`` guidance is the identity, so the closure makes a single plain conditional call.
     ``cfg_scale`` is in DiT's convention; U-ViT's scale ``s`` (``(1 + s) * eps_cond - s * eps_uncond``) is
     ``cfg_scale = 1 + s`` (:func:`dit_cfg_scale`), and U-ViT guides every channel (``guidance="all"``).
+
+    ``interval=(lo, hi)`` guides only where ``lo <= time_of(t) <= hi`` and makes the plain conditional call
+    elsewhere (guidance on part of the trajectory, as REPA and LightningDiT sample). ``time_of`` maps the
+    network's time input to the flow convention, 0 = pure noise and 1 = data (:func:`guidance_time`).
     """
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE_MODES)}")
@@ -73,23 +79,50 @@ def guided_model_fn(
     else:
         n_guided = 3 if in_channels is None else min(3, in_channels)
 
+    if interval is not None:
+        lo, hi = check_guidance_interval(interval)
+        if time_of is None:
+            raise ValueError("a guidance interval needs time_of, the map from the network's time to [0, 1]")
+
+    def conditional_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, y, **model_kwargs)
+
     if cfg_scale == 1.0:
-
-        def conditional_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(x, t, y, **model_kwargs)
-
         return conditional_fn
 
     y_null = null.to(y).expand_as(y) if torch.is_tensor(null) else torch.full_like(y, null)
     y_both = torch.cat([y, y_null])
 
     def cfg_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if interval is not None:
+            u = time_of(t)
+            on = (u >= lo) & (u <= hi)
+            if not bool(on.any()):  # the whole batch is outside the interval: one plain conditional pass
+                return conditional_fn(x, t)
         out = model(torch.cat([x, x]), torch.cat([t, t]), y_both, **model_kwargs)
         cond, uncond = out.chunk(2, dim=0)
         guided = uncond[:, :n_guided] + cfg_scale * (cond[:, :n_guided] - uncond[:, :n_guided])
-        return torch.cat([guided, cond[:, n_guided:]], dim=1)
+        guided = torch.cat([guided, cond[:, n_guided:]], dim=1)
+        if interval is not None and not bool(on.all()):
+            guided = torch.where(on.reshape(-1, *([1] * (x.ndim - 1))), guided, cond)
+        return guided
 
     return cfg_fn
+
+
+def check_guidance_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """``guidance_interval=[lo, hi]`` as floats, ``0 <= lo < hi <= 1``; ValueError naming the key otherwise."""
+    values = list(interval)
+    if len(values) != 2 or not 0.0 <= float(values[0]) < float(values[1]) <= 1.0:
+        raise ValueError(f"guidance_interval={values} must be [lo, hi] with 0 <= lo < hi <= 1 (times of the flow "
+                         f"convention: 0 = pure noise, 1 = data)")
+    return float(values[0]), float(values[1])
+
+
+def guidance_time(num_timesteps: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For a Gaussian diffusion of ``num_timesteps`` steps: training timestep ``k`` -> ``1 - k / T``, the flow
+    convention's time (0 near pure noise, 1 at the data) in which guidance intervals are given."""
+    return lambda t: 1.0 - t.double() / num_timesteps
 
 
 CFG_CONVENTIONS = ("dit", "uvit")
@@ -107,7 +140,7 @@ def dit_cfg_scale(scale: float, convention: str = "dit") -> float:
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _randn(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
+def randn(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device, then moved to ``device``; with one generator per
     sample, row ``k`` is drawn from ``generator[k]`` alone."""
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -120,7 +153,7 @@ def _randn(shape: Sequence[int], generator: Generators, device: torch.device) ->
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
 
-def _initial_noise(
+def initial_noise(
     shape: Sequence[int],
     noise: torch.Tensor | None,
     generator: Generators,
@@ -131,10 +164,10 @@ def _initial_noise(
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
         return noise.to(device) if device is not None else noise
-    return _randn(shape, generator, torch.device(device if device is not None else "cpu"))
+    return randn(shape, generator, torch.device(device if device is not None else "cpu"))
 
 
-def _progress(steps: Iterable[int], progress: bool) -> Iterable[int]:
+def progress_steps(steps: Iterable[int], progress: bool) -> Iterable[int]:
     """``steps``, wrapped in a tqdm bar when ``progress``."""
     if not progress:
         return steps
@@ -161,13 +194,13 @@ def ddpm_sample(
     where the mean is returned. ``noise`` is ``x_T`` (drawn from ``generator`` if omitted); ``device``
     defaults to ``noise``'s device, else CPU.
     """
-    x = _initial_noise(shape, noise, generator, device)
+    x = initial_noise(shape, noise, generator, device)
     tmap = torch.tensor(s.timestep_map, device=x.device)
-    for i in _progress(range(s.num_timesteps - 1, -1, -1), progress):
+    for i in progress_steps(range(s.num_timesteps - 1, -1, -1), progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
         if i > 0:
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * _randn(x.shape, generator, x.device)
+            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn(x.shape, generator, x.device)
         else:
             x = out["mean"]
     return x
@@ -194,9 +227,9 @@ def ddim_sample(
     from the (possibly clipped) ``x0_pred`` so the update stays consistent with it. A learned variance,
     if any, is ignored.
     """
-    x = _initial_noise(shape, noise, generator, device)
+    x = initial_noise(shape, noise, generator, device)
     tmap = torch.tensor(s.timestep_map, device=x.device)
-    for i in _progress(range(s.num_timesteps - 1, -1, -1), progress):
+    for i in progress_steps(range(s.num_timesteps - 1, -1, -1), progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
         x0 = out["pred_x0"]
@@ -206,7 +239,7 @@ def ddim_sample(
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         x = torch.sqrt(abar_prev) * x0 + torch.sqrt(1 - abar_prev - sigma**2) * eps
         if i > 0 and eta > 0:
-            x = x + sigma * _randn(x.shape, generator, x.device)
+            x = x + sigma * randn(x.shape, generator, x.device)
     return x
 
 
@@ -239,11 +272,11 @@ def dpm_solver_sample(
         solver_order=order,
         prediction_type="epsilon",
     )
-    x = _initial_noise(shape, noise, generator, device)
+    x = initial_noise(shape, noise, generator, device)
     scheduler.set_timesteps(steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     c = x.shape[1]
-    for t in _progress(scheduler.timesteps, progress):
+    for t in progress_steps(scheduler.timesteps, progress):
         t_model = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         out = model_fn(x, t_model)
         if out.shape[1] == 2 * c:

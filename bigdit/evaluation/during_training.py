@@ -24,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from bigdit.data.schema import Manifest
-from bigdit.diffusion import Schedule, dit_cfg_scale
+from bigdit.diffusion import Schedule, Transport, dit_cfg_scale
 from bigdit.ema import EMA
 from bigdit.engine import Strategy
 from bigdit.evaluation.evaluator import FIDEvaluator
-from bigdit.inference import generate, image_decoder, save_grid, to_uint8_images
+from bigdit.inference import check_sampler_kind, generate, image_decoder, save_grid, to_uint8_images
 
 
 @contextlib.contextmanager
@@ -46,11 +46,12 @@ class TrainingEvaluation:
     """The ``eval`` group's evaluations of a training run; built by the loop before any step (it loads the
     Inception network and the reference batch first, so a bad ``eval.ref`` fails before compute)."""
 
-    def __init__(self, cfg: DictConfig, strategy: Strategy, ema: EMA, schedule: Schedule,
+    def __init__(self, cfg: DictConfig, strategy: Strategy, ema: EMA, diffusion: Schedule | Transport,
                  on_grid: Callable[[str, np.ndarray, int], None] | None = None):
         e = cfg.eval
         self.on_grid = on_grid  # e.g. the trackers' log_image, called on the main rank with each grid
-        self.cfg, self.strategy, self.ema, self.schedule = e, strategy, ema, schedule
+        self.cfg, self.strategy, self.ema, self.diffusion = e, strategy, ema, diffusion
+        check_sampler_kind(diffusion, e.sampler)  # a flow run evaluates with eval.sampler=euler|heun|dopri5|sde
         self.every, self.grid_every = int(e.every or 0), int(e.grid_every or 0)
         if self.every and self.every % cfg.run.log_every:
             raise ValueError(f"eval.every={self.every} must be a multiple of run.log_every={cfg.run.log_every}: "
@@ -88,7 +89,7 @@ class TrainingEvaluation:
 
     def _sample(self, labels: torch.Tensor, indices: torch.Tensor) -> np.ndarray:
         e = self.cfg
-        x = generate(self.strategy.module, self.schedule, labels, sampler=e.sampler, steps=int(e.steps),
+        x = generate(self.strategy.module, self.diffusion, labels, sampler=e.sampler, steps=int(e.steps),
                      cfg_scale=self.cfg_scale, guidance=e.guidance, clip_denoised=self.clip_denoised, seed=int(e.seed),
                      indices=indices, batch_size=len(labels), precision=e.precision, device=self.strategy.device)
         images = to_uint8_images(self.decode(x))
