@@ -295,7 +295,7 @@ def test_a_tiny_flow_dit_learns_the_digits(tmp_path):
         tool = lambda *o: sample_tool.run(compose("sample", overrides=[f"run={run}", "cfg_scale=2.0", *o]))  # noqa: E731
         meta = tool("num_samples=100", "labels=balanced", "sampler=euler", "steps=10", f"out={tmp_path / 'set'}")
         grid = tool("per_class=2", "sampler=sde", "steps=10", "guidance_interval=[0.2,1.0]", f"out={tmp_path / 'grid'}")
-        with pytest.raises(ValueError, match=r"sampler='ddpm' is a Gaussian diffusion .* sampler=euler\|heun"):
+        with pytest.raises(ValueError, match=r"sampler='ddpm' is a Gaussian diffusion .*sampler=euler\|heun"):
             tool("per_class=1", "sampler=ddpm")
     assert meta["count"] == 100 and meta["settings"]["sampler"] == "euler"
     assert grid["settings"]["guidance_interval"] == [0.2, 1.0] and grid["settings"]["last_step"] == "mean"
