@@ -152,7 +152,7 @@ def model_card(*, run_dir: Path, run_cfg: DictConfig, model: torch.nn.Module, ck
         data = (f"No shard manifest (the run read `{target}`"
                 + (f" over `{source_cfg.get('_target_')}`" if source_cfg else "") + "), so no VAE: pixel space.")
 
-    sample_rows = [(k, v) for k, v in settings.items()]
+    sample_rows = [(k, v) for k, v in settings.items() if v is not None]  # unset options (no guidance interval)
     try:
         sample_rows.append(("guidance scale in DiT's convention (1 = none)",
                             dit_cfg_scale(settings["cfg_scale"], settings.get("cfg_convention", "dit"))))

@@ -241,7 +241,9 @@ def test_run_dir_records_checkpoint_step_and_default_out(run_dir):
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     (["num_samples=45"], ValueError, r"divisible by the 10 classes: 45 is not \(e.g. num_samples=40 or 50"),
-    (["sampler=euler"], ValueError, "unknown sampler='euler'; valid: ddpm, ddim, dpm"),
+    (["sampler=plms"], ValueError, r"unknown sampler='plms'; valid: ddpm, ddim, dpm\+\+, euler, heun, dopri5, sde"),
+    (["sampler=euler"], ValueError, r"sampler='euler' is a flow sampler, but this is a Gaussian .*sampler=ddpm\|ddim\|dpm"),
+    (["last_step=mean"], ValueError, "last_step are flow sampler settings, but this run is a Gaussian diffusion"),
     (["precision=fp16"], ValueError, "unknown precision='fp16'; valid: fp32, bf16"),
     (["labels=random"], ValueError, "unknown labels='random'"),
     (["per_class=4"], ValueError, "give one of them"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -12,14 +13,15 @@ from hydra import compose, initialize_config_dir
 from bigdit.diffusion import (Transport, build_diffusion, build_objective, flow_sample, guidance_time,
                               guided_model_fn, make_schedule, sample)
 from bigdit.diffusion import transport as tp
-from bigdit.inference import generate, load_run, to_uint8_images
+from bigdit.inference import generate
 from bigdit.models import build_model
 from bigdit.train import CONFIG_DIR, train
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-from eval_digits import digits_accuracy  # noqa: E402  (tools/ is no package)
+import sample as sample_tool  # noqa: E402  (tools/ is no package)
+from eval_digits import digits_accuracy  # noqa: E402
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
@@ -281,15 +283,24 @@ def test_sit_presets_are_sits_recipe():
 
 @pytest.mark.slow
 def test_a_tiny_flow_dit_learns_the_digits(tmp_path):
-    """A flow DiT (linear path, velocity) trained in-process on the real digits; its guided samples are digits."""
+    """A flow DiT (linear path, velocity) trained in-process on the real digits; tools/sample.py samples the run as an
+    evaluation set (ADM's .npz, what tools/evaluate.py reads) and as a grid, and the samples are the digits asked
+    for. DDPM samplers are refused for it."""
+    run = tmp_path / "run"
     overrides = ["experiment=demo", "diffusion=flow", "~diffusion.schedule", "model.learn_sigma=false",
-                 "model.hidden_size=64", "model.depth=4", "run.global_batch=64", "run.steps=300", "run.log_every=100",
-                 "run.ckpt_every=300", "optim.warmup_steps=20", "optim.lr=2e-3", "ema.decay=0.99",
-                 f"run.dir={tmp_path}"]
+                 "model.hidden_size=64", "model.depth=2", "run.global_batch=32", "run.steps=200", "run.log_every=100",
+                 "run.ckpt_every=200", "optim.warmup_steps=20", "optim.lr=3e-3", "ema.decay=0.98", f"run.dir={run}"]
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         train(compose("train", overrides=overrides))
-    model, cfg = load_run(tmp_path)
-    labels = torch.arange(10).repeat_interleave(20)
-    x = generate(model, build_diffusion(cfg.diffusion), labels, sampler="euler", steps=20, cfg_scale=2.0)
-    accuracy = digits_accuracy(to_uint8_images(x), labels.numpy())
-    assert accuracy > 0.7, accuracy
+        tool = lambda *o: sample_tool.run(compose("sample", overrides=[f"run={run}", "cfg_scale=2.0", *o]))  # noqa: E731
+        meta = tool("num_samples=100", "labels=balanced", "sampler=euler", "steps=10", f"out={tmp_path / 'set'}")
+        grid = tool("per_class=2", "sampler=sde", "steps=10", "guidance_interval=[0.2,1.0]", f"out={tmp_path / 'grid'}")
+        with pytest.raises(ValueError, match=r"sampler='ddpm' is a Gaussian diffusion .*sampler=euler\|heun"):
+            tool("per_class=1", "sampler=ddpm")
+    assert meta["count"] == 100 and meta["settings"]["sampler"] == "euler"
+    assert grid["settings"]["guidance_interval"] == [0.2, 1.0] and grid["settings"]["last_step"] == "mean"
+    with np.load(tmp_path / "set" / "samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (100, 8, 8, 1) and images.dtype == np.uint8
+    accuracy = digits_accuracy(images, labels)
+    assert accuracy > 0.6, accuracy

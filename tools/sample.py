@@ -375,7 +375,9 @@ def run(cfg: DictConfig) -> dict | None:
                      precision=cfg.precision, device=device)
         return to_uint8_images(decode(x)), values[which].numpy().astype(np.int64)
 
-    what = (f"{s['sampler']}, {s['steps']} steps, cfg {cfg_scale} in DiT's convention, {cfg.precision}, batch "
+    solve = (f"atol {s['atol']}, rtol {s['rtol']}" if s["sampler"] == "dopri5" else f"{s['steps']} steps")
+    interval = f" on [{s['guidance_interval'][0]}, {s['guidance_interval'][1]}]" if s["guidance_interval"] else ""
+    what = (f"{s['sampler']}, {solve}, cfg {cfg_scale} in DiT's convention{interval}, {cfg.precision}, batch "
             f"{cfg.batch_size}")
     t0 = time.perf_counter()
     if grid:
