@@ -55,7 +55,7 @@ def sampler_settings(run_cfg: DictConfig, defaults: Mapping[str, Any]) -> tuple[
     preset = OmegaConf.to_container(preset, resolve=True) if preset is not None else {}
     settings = {k: preset.get(k, v) for k, v in defaults.items()}
     settings.update({k: v for k, v in preset.items() if k not in settings})
-    missing = [k for k in defaults if k not in preset]
+    missing = [k for k, v in defaults.items() if k not in preset and v is not None]  # unset options: not used
     if not preset:
         source = "tools/sample.py's defaults (the run preset has no `sample:` section)"
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,6 @@ from bigdit.evaluation.during_training import TrainingEvaluation
 from bigdit.metrics import MetricsLog, MetricsWindow, plot_loss, print_status, status_line
 from bigdit.models import build_model
 from bigdit.flops import train_flops_per_sample
-from bigdit.fsio import temp_name
 from bigdit.loggers import Trackers, check_loggers
 from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
@@ -98,14 +98,16 @@ def dropout_probability(cfg: DictConfig) -> float:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Fail before any compute when ``run.dir`` cannot be created or written (checkpoints go there)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = temp_name(run_dir / "write-test")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"run.dir={run_dir} is not writable ({e.strerror or e}): choose another run.dir") from e
+    """Fail before any compute when ``run.dir`` cannot be created or written (checkpoints go there); creates
+    nothing, so a run refused later leaves no directory behind."""
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    problem = ("is not a directory" if not existing.is_dir() else
+               "is not writable" if not os.access(existing, os.W_OK) or os.statvfs(existing).f_flag & os.ST_RDONLY
+               else None)
+    if problem:
+        raise ValueError(f"run.dir={run_dir} cannot be written: {existing} {problem}; choose another run.dir")
 
 
 def check_resume_compatible(run_dir: Path, cfg: DictConfig) -> None:
@@ -263,6 +265,7 @@ def setup(cfg: DictConfig) -> Session:
         data.load_state_dict(extra["data"])
         s.step, s.nimg, s.skipped_steps = extra["step"], extra["nimg"], extra.get("skipped_steps", 0)
     if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         n_params = sum(full_numel(p) for p in strategy.module.parameters())
         print_status(f"{cfg.model.name}: {n_params:,} parameters | {strategy.info.world_size} rank(s) on "

@@ -301,7 +301,7 @@ def test_bad_configuration_is_refused_before_compute(overrides, error, message, 
 def test_unwritable_run_dir_and_indivisible_batch_are_refused(tmp_path, record_property):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ValueError, match=rf"run.dir={blocker / 'run'} is not writable"):
+    with pytest.raises(ValueError, match=rf"run.dir={blocker / 'run'} cannot be written: {blocker} is not a directory"):
         train(make_cfg(blocker / "run", "run.steps=2"))
     with pytest.raises(ValueError, match="run.global_batch=15 is not divisible by 2 ranks"):
         BatchPlan.from_config(15, None, 2)
