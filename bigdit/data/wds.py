@@ -31,7 +31,7 @@ import torch
 
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.codec import LatentCodec
-from bigdit.data import pin_batch, resolve_pin_memory
+from bigdit.data import keys_log, pin_batch, resolve_pin_memory
 from bigdit.data.npy import npy_array, npy_bytes
 from bigdit.data.schema import ARRAY_FIELDS, Manifest, SchemaError, ShardError, check_count, check_key, sample_problems
 from bigdit.data.shard_dataset import ShardDataset, fetch
@@ -366,18 +366,21 @@ class WdsLoader(ShardDataset):
     :class:`bigdit.codec.LatentCodec` (0: all in the training process, with the sample order of one
     worker); ``prefetch_factor`` micro-batches are queued per worker. The latent noise and flip choices
     come from a generator seeded by ``(seed, rank, micro-batch position)``, so they do not depend on
-    which worker made a batch or when.
+    which worker made a batch or when. ``record_keys``: the sample keys of every micro-batch go to ``keys_dir``
+    (:class:`bigdit.data.KeysLog`).
     """
 
     format = "wds"
 
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
-                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None):
+                 skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
+                 record_keys: bool = False, keys_dir: str | None = None):
         shapes = self._open_shards(root, remote, flip)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = resolve_pin_memory(pin_memory)
+        self.keys_log = keys_log(record_keys, keys_dir, rank)
         self.streams = ShardStreams(self.root, self.manifest, plan.world_size, rank,
                                     max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,
                                     shapes, self.codec, remote)
@@ -416,7 +419,9 @@ class WdsLoader(ShardDataset):
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
         plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings."""
-        for raw in self.raw_micro_batches(step):
+        for micro, raw in enumerate(self.raw_micro_batches(step)):
+            if self.keys_log:
+                self.keys_log.write(step, micro, raw["key"])
             yield {k: v for k, v in raw.items() if k not in ("key", "pos", "bad")}
 
     def close(self) -> None:
