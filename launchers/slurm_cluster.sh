@@ -80,10 +80,17 @@ CONF
 
 # How many of the two namespace nodes answer (idle, mixed or allocated).
 nodes_answering() {
-  timeout 10 sinfo -h -N -p two -o '%N %T' 2>/dev/null | grep -Ec ' (idle|mix|alloc)' || true
+  timeout 10 sinfo -h -N -p two -o '%N %T' 2>/dev/null | grep -Ec ' (idle|mixed|allocated)$' || true
 }
 
-slurmd_pid() { local f=/run/slurmd-$1.pid; [[ -s $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"; }
+# The pid of node $1's slurmd when it runs (a killed one can linger as a zombie until reaped: not running).
+slurmd_pid() {
+  local f=/run/slurmd-$1.pid pid
+  [[ -s $f ]] || return 0
+  pid=$(cat "$f")
+  [[ -r /proc/$pid/stat && $(awk '{print $3}' "/proc/$pid/stat") != Z ]] && echo "$pid"
+  return 0
+}
 
 # Bridge, namespaces, veths (idempotent), then one slurmd per namespace, then the nodes out of FUTURE.
 nodes_up() {
@@ -170,6 +177,9 @@ fi
 if [[ $(id -u) != 0 ]] && { [[ $nodes == 2 ]] || ! answers; }; then
   echo "slurm: this needs root: run 'sudo $0 $*'" >&2; exit 1
 fi
+# One change at a time (two pytest workers may both bring the nodes up); --check above never waits.
+exec 9>/run/bigdit-slurm-cluster.lock
+flock 9
 if [[ $action == down ]]; then nodes_down; exit; fi
 
 if answers; then
