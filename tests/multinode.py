@@ -10,6 +10,8 @@ weights) are test_slurm.py's.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import re
 import subprocess
@@ -30,6 +32,15 @@ BASE = [
     "optim.lr=2e-3", f"run.steps={STEPS}", "data.num_workers=0", "data.record_keys=true",
 ]
 ENCODE = ["input=sklearn:digits", "vae=none", "limit=320", "shard_size=40", "progress=false"]  # 8 shards of 40
+
+
+@contextlib.contextmanager
+def holding_nodes(exclusive: bool = False):
+    """Hold the two nodes while a test uses them: shared by tests whose jobs only run there, exclusive for a test
+    that takes a node away (the two test files may run at once, in two pytest workers)."""
+    with open("/tmp/bigdit-two-nodes.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def two_node_launcher(tasks_per_node: int) -> list[str]:

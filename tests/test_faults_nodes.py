@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from multinode import (NODES, ENCODE, STEPS, assert_same_keys, assert_same_run, heartbeats, records, submit,
-                       submit_two_nodes, summary, wait_job, wait_logged_step)
-from test_slurm import job_info, logs, run_script
+from multinode import (NODES, ENCODE, STEPS, assert_same_keys, assert_same_run, heartbeats, holding_nodes, records,
+                       submit, submit_two_nodes, summary, wait_job, wait_logged_step)
+from test_slurm import FINAL_STATES, job_info, logs, run_script
 
 from conftest import REPO
 
@@ -69,8 +69,8 @@ def rank_pid(run: Path, rank: int, job: str) -> tuple[int, str]:
     pytest.fail(f"rank {rank} of job {job} wrote no heartbeat")
 
 
-def test_kill9_random_rank_fails_fast_and_resubmit_resumes_bit_identical(two_nodes, wds, reference, tmp_path,
-                                                                          record_property):
+@pytest.mark.usefixtures("nodes_in_use")
+def test_kill9_random_rank_fails_fast_and_resubmit_resumes_bit_identical(wds, reference, tmp_path, record_property):
     rng = random.Random(SEED)
     rank, after = rng.randrange(2), rng.randint(2, STEPS - 3)
     print(f"[fault 1] seed {SEED}: kill -9 rank {rank} (on {NODES[rank]}) after step {after}")
@@ -103,7 +103,8 @@ def test_kill9_random_rank_fails_fast_and_resubmit_resumes_bit_identical(two_nod
                              f"bit-identical, {n} sample keys equal, 0 repeated, 0 skipped")
 
 
-def test_sigstop_rank_on_second_node_fails_within_timeout_naming_it(two_nodes, wds, tmp_path, record_property):
+@pytest.mark.usefixtures("nodes_in_use")
+def test_sigstop_rank_on_second_node_fails_within_timeout_naming_it(wds, tmp_path, record_property):
     timeout_s = 15
     job = submit_two_nodes(tmp_path, 1, *overrides(wds), f"strategy.timeout_s={timeout_s}")
     pid, host = rank_pid(tmp_path, 1, job)
@@ -130,7 +131,22 @@ def test_sigstop_rank_on_second_node_fails_within_timeout_naming_it(two_nodes, w
                              f"{failed_s:.0f} s later; rank 0 names it: '{named.group(0)[:160]}'")
 
 
-def test_lost_node_requeues_and_resumes_exactly_once_back(two_nodes, wds, reference, tmp_path, record_property):
+@pytest.fixture
+def nodes_in_use(two_nodes):
+    """No test takes a node away while these run (tests/test_multinode.py holds the nodes alike)."""
+    with holding_nodes():
+        yield
+
+
+@pytest.fixture
+def nodes_alone(two_nodes):
+    """The nodes to this test alone: it takes one away."""
+    with holding_nodes(exclusive=True):
+        yield
+
+
+@pytest.mark.usefixtures("nodes_alone")
+def test_lost_node_requeues_and_resumes_exactly_once_back(wds, reference, tmp_path, record_property):
     job = submit_two_nodes(tmp_path, 1, *overrides(wds))
     wait_logged_step(tmp_path, 3, job)
     # The node goes: every process in its namespace (slurmd, the job step, the rank), then SLURM marks it down.
@@ -140,10 +156,12 @@ def test_lost_node_requeues_and_resumes_exactly_once_back(two_nodes, wds, refere
     t0 = time.time()
     subprocess.run(["scontrol", "update", f"nodename={NODES[1]}", "state=down", "reason=test: node lost"],
                    check=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:  # SLURM requeues the job (--requeue): pending, one restart
+    deadline = time.time() + 120
+    while time.time() < deadline:  # SLURM requeues the job (--requeue): pending again, one restart; or ends it
         info = job_info(job)
-        if int(info.get("Restarts", 0)) >= 1 or info.get("JobState") in ("NODE_FAIL", "FAILED"):
+        if int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "PENDING":
+            break
+        if info.get("JobState") in FINAL_STATES:
             break
         time.sleep(0.5)
     seen = f"{info.get('JobState')} ({info.get('Reason')}, restarts {info.get('Restarts')})"
@@ -151,6 +169,8 @@ def test_lost_node_requeues_and_resumes_exactly_once_back(two_nodes, wds, refere
     up = subprocess.run([str(REPO / "launchers" / "slurm_cluster.sh"), "nodes=2"], capture_output=True, text=True,
                         timeout=120)
     assert up.returncode == 0, up.stdout + up.stderr
+    state = subprocess.run(["sinfo", "-h", "-n", NODES[1], "-o", "%T"], capture_output=True, text=True).stdout
+    assert state.strip() in ("idle", "mixed", "allocated"), state  # back, and responding (no '*')
     if int(info.get("Restarts", 0)) >= 1:
         final = wait_job(job)
         resumed_job = job

@@ -25,11 +25,18 @@ import pytest
 
 from bigdit.data.shards import shard_io
 
-from multinode import (NODES, ENCODE, assert_same_keys, assert_same_run, submit, submit_two_nodes,
+from multinode import (NODES, ENCODE, assert_same_keys, assert_same_run, holding_nodes, submit, submit_two_nodes,
                        summary, wait_job, wait_logged_step)
 from test_slurm import assert_same_shards, logs, run_script
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def nodes_in_use(two_nodes):
+    """No test of tests/test_faults_nodes.py takes a node away while these run."""
+    with holding_nodes():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +120,7 @@ def test_offline_tools_as_two_node_jobs_equal_one_process(two_nodes, shards, cap
     job_launcher = ["launcher=slurm", "launcher.partition=two", "launcher.nodes=2", "launcher.gpus_per_node=0",
                     "launcher.tasks_per_node=1", "launcher.time_min=5", "launcher.wait=true"]
     out = tmp_path / "encoded"
-    text = run_script("tools/encode_latents.py", *ENCODE, f"out={out}", *job_launcher, timeout=180).stdout
+    text = run_script("tools/encode_latents.py", *ENCODE, f"out={out}", *job_launcher, timeout=400).stdout
     job = re.search(r"submitted SLURM job (\d+)", text).group(1)
     assert_same_shards(out, shards["wds"])
     for rank in (0, 1):  # slice r of 2 on node r
@@ -127,7 +134,7 @@ def test_offline_tools_as_two_node_jobs_equal_one_process(two_nodes, shards, cap
     common = [f"shards={tmp_path / 'lat'}", "clip_model=tiny-clip-test", f"pretrained={weights}",
               f"model_config={config}", "progress=false"]
     run_script("tools/cache_text.py", *common, f"out={tmp_path / 'one'}", timeout=120)
-    text = run_script("tools/cache_text.py", *common, f"out={tmp_path / 'job'}", *job_launcher, timeout=180).stdout
+    text = run_script("tools/cache_text.py", *common, f"out={tmp_path / 'job'}", *job_launcher, timeout=400).stdout
     text_job = re.search(r"submitted SLURM job (\d+)", text).group(1)
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert json.loads((tmp_path / "job" / "manifest.json").read_text()) == manifest
