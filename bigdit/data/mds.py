@@ -235,9 +235,11 @@ class MdsLoader(ShardDataset):
     which whatever a crashed run left behind is cleaned when the first loader of a process starts.
 
     ``num_canonical_nodes`` is streaming's: the sample space is split into that many parts, of which each node
-    reads ``num_canonical_nodes / nodes``; kept fixed (8 by default), the sample order does not depend on the
-    number of nodes the ranks are spread over (1, 2, 4, 8, 16, ...: a divisor or multiple of it), where
-    streaming's default (the number of nodes) would give a 2-node job other batches than a 1-node one.
+    reads ``num_canonical_nodes / nodes``. Its default (None) is the number of nodes of the run's first
+    allocation, so a 2-node job reads other batches than a 1-node one; set it (to a multiple or divisor of every
+    node count the run will use) for the same global batches on 1 and 2 nodes. Not fixed by default: on small
+    datasets more canonical nodes than nodes make streaming repeat a few samples within an epoch (480 samples,
+    8 canonical nodes, 2 ranks x 2 workers: 2 of 476 repeated).
 
     ``record_keys``: the sample keys of every micro-batch go to ``keys_dir`` (:class:`bigdit.data.KeysLog`).
 
@@ -261,7 +263,7 @@ class MdsLoader(ShardDataset):
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
                  record_keys: bool = False, keys_dir: str | None = None,
-                 num_canonical_nodes: int | None = 8):
+                 num_canonical_nodes: int | None = None):
         shapes = self._open_shards(root, remote, flip)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         if env != (rank, plan.world_size):
