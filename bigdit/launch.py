@@ -104,7 +104,8 @@ class TrainTask:
         signals = (requeue_signal, signal.SIGTERM)
         preemption.install((requeue_signal,), self.max_requeues, stop_signals=(signal.SIGTERM,),
                            job=f"{env.job_id}.{restarts}", log=str(env.paths.stdout))
-        print(f"[bigdit] {where}: MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']}",
+        print(f"[bigdit] {where}: " + " ".join(f"{k}={os.environ[k]}" for k in
+                                               ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")),
               flush=True)
         try:
             train(OmegaConf.create(self.cfg))

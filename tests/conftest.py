@@ -124,11 +124,33 @@ def inception_weights(tmp_path_factory) -> Path:
     return d / WEIGHTS_NAME
 
 
+@pytest.fixture(scope="session")
+def two_nodes() -> tuple[str, str]:
+    """The two namespace nodes of partition ``two`` (``launchers/slurm_cluster.sh nodes=2``: idempotent, brought
+    up here and left up, beside the one-node partition that tests/test_slurm.py uses; tear down with
+    ``launchers/slurm_cluster.sh nodes=2 down``). Without root they cannot be made: skip with the reason."""
+    import os
+    import shutil
+    import subprocess
+
+    script = REPO / "launchers" / "slurm_cluster.sh"
+    if subprocess.run([str(script), "nodes=2", "--check"], capture_output=True).returncode == 0:
+        return "bigdit-n1", "bigdit-n2"
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("the two-node SLURM tests need root (network namespaces, a bridge, two slurmd): run them as "
+                    "root, e.g. `sudo make test`, or start the nodes with `sudo launchers/slurm_cluster.sh nodes=2`")
+    proc = subprocess.run([str(script), "nodes=2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"launchers/slurm_cluster.sh nodes=2 failed:\n{proc.stdout}\n{proc.stderr}"
+    return "bigdit-n1", "bigdit-n2"
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Print the fault-injection cases' one-line summaries (their ``fault`` property), also from xdist workers."""
-    lines = [value for report in terminalreporter.stats.get("passed", []) if report.when == "call"
-             for name, value in report.user_properties if name == "fault"]
-    if lines:
-        terminalreporter.section("Faults survived")
-        for line in sorted(lines):
-            terminalreporter.write_line(line)
+    """Print the one-line summaries the fault-injection (``fault`` property) and two-node (``summary``) cases
+    record, also from xdist workers."""
+    for prop, title in (("fault", "Faults survived"), ("summary", "Two-node checks")):
+        lines = [value for report in terminalreporter.stats.get("passed", []) if report.when == "call"
+                 for name, value in report.user_properties if name == prop]
+        if lines:
+            terminalreporter.section(title)
+            for line in sorted(lines):
+                terminalreporter.write_line(line)

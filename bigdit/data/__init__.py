@@ -10,7 +10,9 @@ micro-batch size, or whether the run was interrupted. The loader's whole state i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +31,32 @@ def pin_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` with its tensors in page-locked memory (what a DataLoader with ``pin_memory`` does in its workers'
     pinning thread; used when batches are made in the training process)."""
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class KeysLog:
+    """``data.record_keys=true``: the keys of the samples each rank consumed, per micro-batch, appended to
+    ``<data.keys_dir>/rank-RRRRR.jsonl`` (one ``{"step", "micro", "keys"}`` line, flushed at once), so that a
+    run's data order can be checked after the fact: a resumed run against an uninterrupted one, one node
+    against two. A resumed run appends to the same file; for a step logged twice, the later line is the one
+    that counted (the earlier one was read by an allocation that died before its next checkpoint)."""
+
+    def __init__(self, directory: str | Path, rank: int):
+        path = Path(directory) / f"rank-{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the loader
+
+    def write(self, step: int, micro: int, keys: Sequence[str]) -> None:
+        """Record that this rank's micro-batch ``micro`` of ``step`` held ``keys``."""
+        self._file.write(json.dumps({"step": step, "micro": micro, "keys": list(keys)}) + "\n")
+
+
+def keys_log(record_keys: bool, keys_dir: str | None, rank: int) -> KeysLog | None:
+    """The loaders' :class:`KeysLog` when ``data.record_keys`` is on, else None (nothing is written)."""
+    if not record_keys:
+        return None
+    if not keys_dir:
+        raise ValueError("data.record_keys=true needs data.keys_dir (the data configs set it to ${run.dir}/keys)")
+    return KeysLog(keys_dir, rank)
 
 
 class Loader(Protocol):

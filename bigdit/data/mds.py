@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bigdit.batching import BatchPlan, stream_seed
-from bigdit.data import resolve_pin_memory
+from bigdit.data import keys_log, resolve_pin_memory
 from bigdit.data.schema import ShardError, check_count, check_key, sample_problems
 from bigdit.data.shard_dataset import ShardDataset
 from bigdit.fsio import temp_name, write_atomic
@@ -234,6 +234,15 @@ class MdsLoader(ShardDataset):
     the environment (torchrun sets them) and coordinates the ranks of a node through shared memory, of
     which whatever a crashed run left behind is cleaned when the first loader of a process starts.
 
+    ``num_canonical_nodes`` is streaming's: the sample space is split into that many parts, of which each node
+    reads ``num_canonical_nodes / nodes``. Its default (None) is the number of nodes of the run's first
+    allocation, so a 2-node job reads other batches than a 1-node one; set it (to a multiple or divisor of every
+    node count the run will use) for the same global batches on 1 and 2 nodes. Not fixed by default: on small
+    datasets more canonical nodes than nodes make streaming repeat a few samples within an epoch (480 samples,
+    8 canonical nodes, 2 ranks x 2 workers: 2 of 476 repeated).
+
+    ``record_keys``: the sample keys of every micro-batch go to ``keys_dir`` (:class:`bigdit.data.KeysLog`).
+
     Every epoch holds ``world_size x workers x micro_batch`` samples times a whole number (streaming's
     ``epoch_size``; the remainder, fewer samples than that, is left out of the epoch at random), so every
     rank reads the same number of full micro-batches and DDP never waits on a rank that ran out of data.
@@ -255,7 +264,8 @@ class MdsLoader(ShardDataset):
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
-                 repa_feats: bool = False):
+                 repa_feats: bool = False, record_keys: bool = False, keys_dir: str | None = None,
+                 num_canonical_nodes: int | None = None):
         shapes = self._open_shards(root, remote, flip, repa_feats)
         env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         if env != (rank, plan.world_size):
@@ -281,12 +291,13 @@ class MdsLoader(ShardDataset):
 
         self.dataset = _validating_dataset()(
             local=self.root, remote=remote, batch_size=plan.micro_batch, shuffle=shuffle, shuffle_seed=self.seed,
-            epoch_size=self.epoch_samples,
+            epoch_size=self.epoch_samples, num_canonical_nodes=num_canonical_nodes,
         ).configure(self.root, shapes, ("cls",) if self.manifest.classes else (), skip_bad_samples)
         extra = {"prefetch_factor": int(prefetch_factor)} if self.num_workers else {}
         self.loader = StreamingDataLoader(self.dataset, batch_size=plan.micro_batch, num_workers=self.num_workers,
                                           collate_fn=_Collate(list(shapes)), pin_memory=resolve_pin_memory(pin_memory),
                                           drop_last=True, **extra)
+        self.keys_log = keys_log(record_keys, keys_dir, rank)
         self._it: Iterator[dict[str, Any]] | None = None
         self._epoch = -1
         self._step: int | None = None  # the step micro_batches reads next
@@ -340,7 +351,9 @@ class MdsLoader(ShardDataset):
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
         plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings and
         ``repa_feats`` (float16) when asked for."""
-        for raw in self.raw_micro_batches(step):
+        for micro, raw in enumerate(self.raw_micro_batches(step)):
+            if self.keys_log:
+                self.keys_log.write(step, micro, raw["key"])
             yield {k: raw[k] for k in ("x", "y", "clip_tokens", "clip_pooled", "repa_feats") if k in raw}
 
     def close(self) -> None:

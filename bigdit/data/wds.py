@@ -31,7 +31,7 @@ import torch
 
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.codec import LatentCodec
-from bigdit.data import pin_batch, resolve_pin_memory
+from bigdit.data import keys_log, pin_batch, resolve_pin_memory
 from bigdit.data.npy import npy_array, npy_bytes
 from bigdit.data.schema import ARRAY_FIELDS, Manifest, SchemaError, ShardError, check_count, check_key, sample_problems
 from bigdit.data.shard_dataset import ShardDataset, fetch
@@ -369,7 +369,8 @@ class WdsLoader(ShardDataset):
     worker); ``prefetch_factor`` micro-batches are queued per worker. The latent noise and flip choices
     come from a generator seeded by ``(seed, rank, micro-batch position)``, so they do not depend on
     which worker made a batch or when. ``repa_feats`` (set by the training loop for REPA) adds the stored
-    REPA features to each batch.
+    REPA features to each batch. ``record_keys``: the sample keys of every micro-batch go to ``keys_dir``
+    (:class:`bigdit.data.KeysLog`).
     """
 
     format = "wds"
@@ -377,11 +378,12 @@ class WdsLoader(ShardDataset):
     def __init__(self, root: str, plan: BatchPlan, rank: int, seed: int, num_workers: int = 2,
                  prefetch_factor: int = 2, shuffle: bool = True, flip: bool = True,
                  skip_bad_samples: bool = False, pin_memory: bool | None = None, remote: str | None = None,
-                 repa_feats: bool = False):
+                 repa_feats: bool = False, record_keys: bool = False, keys_dir: str | None = None):
         shapes = self._open_shards(root, remote, flip, repa_feats)
         self.plan, self.rank, self.seed = plan, rank, int(seed)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = resolve_pin_memory(pin_memory)
+        self.keys_log = keys_log(record_keys, keys_dir, rank)
         self.streams = ShardStreams(self.root, self.manifest, plan.world_size, rank,
                                     max(1, self.num_workers), plan.micro_batch, self.seed, shuffle, skip_bad_samples,
                                     shapes, self.codec, remote)
@@ -421,7 +423,9 @@ class WdsLoader(ShardDataset):
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,
         plus ``clip_tokens``/``clip_pooled`` (float16) when the shards carry text embeddings and
         ``repa_feats`` (float16) when asked for."""
-        for raw in self.raw_micro_batches(step):
+        for micro, raw in enumerate(self.raw_micro_batches(step)):
+            if self.keys_log:
+                self.keys_log.write(step, micro, raw["key"])
             yield {k: v for k, v in raw.items() if k not in ("key", "pos", "bad")}
 
     def close(self) -> None:
