@@ -26,7 +26,7 @@ import bigdit  # noqa: F401  (environment fixes before third-party imports)
 from bigdit.batching import BatchPlan, stream_seed
 from bigdit.checkpoint import Checkpointer, latest_checkpoint
 from bigdit.data import Loader
-from bigdit.diffusion import Schedule, make_schedule, q_sample, training_losses
+from bigdit.diffusion import Schedule, make_schedule
 from bigdit.ema import EMA
 from bigdit.engine import Strategy, build_strategy
 from bigdit.engine.base import full_numel
@@ -40,6 +40,7 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
+from bigdit.tasks import TaskLoss, task_loss
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -79,7 +80,10 @@ def conditioning(batch: dict[str, torch.Tensor], drop: torch.Tensor, empty_conte
 
 
 def dropout_probability(cfg: DictConfig) -> float:
-    """``cond.caption_dropout_prob`` for a text-to-image model, ``model.class_dropout_prob`` for labels."""
+    """``cond.caption_dropout_prob`` for a text-to-image model, ``model.class_dropout_prob`` for labels, 0 for a
+    classifier (its labels are its targets)."""
+    if cfg.task.name == "classifier":
+        return 0.0
     if cfg.model.get("context_dim") is None:
         return float(cfg.model.class_dropout_prob)
     prob = OmegaConf.select(cfg, "cond.caption_dropout_prob")
@@ -136,6 +140,8 @@ class Session:
     empty_context: torch.Tensor | None
     #: label dropout (to the model's null label) or caption dropout (to the empty prompt), for guidance
     drop_prob: float
+    #: the micro-batch loss of ``task.name`` (bigdit.tasks)
+    loss_fn: TaskLoss
     step: int = 0
     nimg: int = 0
 
@@ -150,6 +156,7 @@ def setup(cfg: DictConfig) -> Session:
     """Everything before the loop: strategy, data, model, optimizer, EMA, resume."""
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    loss_fn = task_loss(cfg.task.name)
     check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
@@ -167,7 +174,7 @@ def setup(cfg: DictConfig) -> Session:
     text = cfg.model.get("context_dim") is not None
     s = Session(cfg, strategy, plan, data, make_schedule(**cfg.diffusion), EMA(strategy.ema_targets(), cfg.ema.decay),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
-                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg))
+                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), loss_fn)
     restored = s.ckpt.load_latest()
     if restored is not None:
         extra, ema_state = restored
@@ -197,16 +204,19 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
         group["lr"] = lr
     draws = StepDraws(cfg.run.seed, step, plan, s.data.sample_shape, s.schedule.num_timesteps, s.drop_prob, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
+
+    def forward(*args, **kwargs) -> torch.Tensor:  # the network under autocast; the task's loss stays fp32
+        with autocast:
+            return strategy.model(*args, **kwargs)
+
     mean_loss = torch.zeros((), device=device)
     for micro, batch in enumerate(s.data.micro_batches(step)):
         span = plan.span(rank, micro)
         x0 = batch["x"].to(device, non_blocking=True)
         y = conditioning(batch, draws.drop[span], s.empty_context, device)
-        t, noise = draws.t[span], draws.noise[span]
-        xt = q_sample(s.schedule, x0, t, noise)
-        with strategy.no_sync(micro < plan.accum_steps - 1), autocast:
-            out = strategy.model(xt, t, y, force_drop_ids=draws.drop[span])
-        loss = training_losses(s.schedule, out.float(), x0, xt, t, noise, cfg.model.learn_sigma)["loss"].mean()
+        with strategy.no_sync(micro < plan.accum_steps - 1):
+            loss = s.loss_fn(s.schedule, forward, x0, y, draws.t[span], draws.noise[span], draws.drop[span],
+                             bool(cfg.model.get("learn_sigma", False)))
         strategy.backward(loss / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps
     grad_norm = strategy.optimizer_step(cfg.optim.grad_clip)
