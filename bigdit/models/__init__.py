@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigdit.models.adm import ADM_models
 from bigdit.models.dit import DiT_models
 from bigdit.models.udit import UDiT_models
 from bigdit.models.uvit import UViT_models
 
 #: Every registered backbone size, e.g. ``MODELS["DiT-XL/2"](input_size=32)``.
-MODELS = {**DiT_models, **UDiT_models, **UViT_models}
+MODELS = {**DiT_models, **UDiT_models, **UViT_models, **ADM_models}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

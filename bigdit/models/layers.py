@@ -209,6 +209,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq)
 
 
+def drop_labels(labels: torch.Tensor, null_label: int, dropout_prob: float,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Replace dropped labels by ``null_label``: those ``force_drop_ids`` marks 1, else a random share ``dropout_prob``."""
+    if force_drop_ids is None:
+        drop = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
+    else:
+        drop = force_drop_ids == 1
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors, with label dropout for classifier-free guidance.
 
@@ -225,11 +235,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replace dropped labels by the null label ``num_classes``."""
-        if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return drop_labels(labels, self.num_classes, self.dropout_prob, force_drop_ids)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
