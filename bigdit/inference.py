@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigdit.checkpoint import latest_checkpoint, step_tag
 from bigdit.codec import LatentCodec
-from bigdit.diffusion import Schedule, guided_model_fn, sample
+from bigdit.diffusion import Schedule, classifier_cond_fn, guided_model_fn, sample
 from bigdit.export import consolidated_weights
 from bigdit.models import build_model
 
@@ -74,11 +74,16 @@ def generate(
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     progress: bool = False,
+    classifier: torch.nn.Module | None = None,
+    classifier_scale: float = 1.0,
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in model space for ``cond``, in batches, reproducible under ``seed``.
 
     ``cond`` is class labels (N,), guided against the model's null label, or, for a text-to-image model,
-    CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D).
+    CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D). An unconditional
+    model (``num_classes`` None or 0) ignores the labels. With a noisy ``classifier`` (ADM-G) every step is also
+    guided by ``classifier_scale`` times the gradient of its ``log p(cond | x_t)`` (DDPM and DDIM; combines with
+    ``cfg_scale``).
 
     ``clip_denoised`` clamps each predicted x0 to [-1, 1] (what ADM does in pixel space; latents are
     left unclipped). Sample ``k`` draws all its noise (``x_T`` and DDPM's per-step noise) from its own generator
@@ -94,6 +99,14 @@ def generate(
     shape = (model.in_channels, model.input_size, model.input_size)
     if getattr(model, "context_dim", None) is not None and null is None:
         raise ValueError("a text-to-image model samples with null= the empty-prompt embedding (T, D)")
+    if cfg_scale != 1.0 and null is None and (not model.num_classes or getattr(model, "class_dropout_prob", 1) == 0):
+        raise ValueError(f"cfg_scale={cfg_scale}: classifier-free guidance needs a null label, which "
+                         f"{type(model).__name__} only has when trained with label dropout (model.class_dropout_prob "
+                         f"> 0); use cfg_scale=1, or classifier guidance (classifier=<noisy classifier run>)")
+    if classifier is not None:
+        if cond.ndim != 1:
+            raise ValueError("classifier guidance needs class labels; this model is text-to-image")
+        classifier = classifier.to(device).eval()
     null = model.num_classes if null is None else null.to(device)
     indices = torch.arange(len(cond)) if indices is None else torch.as_tensor(indices)
     if len(indices) != len(cond):
@@ -104,13 +117,20 @@ def generate(
 
     net = bf16_net if precision == "bf16" else model
 
+    def bf16_classifier(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return classifier(*args).float()
+
+    judge = bf16_classifier if precision == "bf16" else classifier
+
     outs = []
     for y, idx in zip(cond.split(batch_size), indices.split(batch_size)):
         y = y.to(device)
         fn = guided_model_fn(net, y, cfg_scale, null, guidance, in_channels=model.in_channels)
+        cond_fn = None if classifier is None else classifier_cond_fn(judge, y, classifier_scale)
         outs.append(sample(fn, sampler=sampler, steps=steps, train_schedule=schedule, shape=(len(y), *shape),
                            learn_sigma=model.learn_sigma, generator=sample_generators(seed, idx.tolist()), eta=eta,
-                           clip_denoised=clip_denoised, device=device, progress=progress).cpu())
+                           clip_denoised=clip_denoised, device=device, progress=progress, cond_fn=cond_fn).cpu())
     return torch.cat(outs)
 
 

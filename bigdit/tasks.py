@@ -17,7 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from bigdit.diffusion import Schedule, q_sample, training_losses
+from bigdit.models.adm import EncoderUNetModel
 
 #: (schedule, forward, x0, y, t, noise, drop, learn_sigma) -> mean loss of the micro-batch
 TaskLoss = Callable[..., torch.Tensor]
@@ -39,6 +42,17 @@ def classifier_loss(schedule: Schedule, forward: Callable[..., torch.Tensor], x0
 
 
 TASKS: dict[str, TaskLoss] = {"diffusion": diffusion_loss, "classifier": classifier_loss}
+
+
+def check_task_matches_model(name: str, model: nn.Module) -> None:
+    """ValueError, before any step, when ``model`` cannot be trained for task ``name``: a classifier (logits from
+    ``model(x_t, t)``) for ``classifier``, a denoiser for ``diffusion``."""
+    is_classifier = isinstance(model, EncoderUNetModel)
+    if name == "classifier" and not is_classifier:
+        raise ValueError(f"task=classifier trains a noisy classifier, but {type(model).__name__} is a denoiser: use "
+                         f"model=adm_classifier (ADM-classifier-64/128/256/512) or experiment=adm_classifier_in64")
+    if name == "diffusion" and is_classifier:
+        raise ValueError(f"{type(model).__name__} is ADM's noisy classifier: train it with task=classifier")
 
 
 def task_loss(name: str) -> TaskLoss:

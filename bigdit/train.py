@@ -40,13 +40,14 @@ from bigdit.optim import build_adamw, lr_at
 from bigdit.perf import datasheet_tflops, measured_matmul_tflops, peak_memory_gib
 from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
-from bigdit.tasks import TaskLoss, task_loss
+from bigdit.tasks import TaskLoss, check_task_matches_model, task_loss
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
-    """Fail before any compute when the model cannot consume the data."""
+def check_model_matches_data(model_cfg: DictConfig, data: Loader, task: str = "diffusion") -> None:
+    """Fail before any compute when the model cannot consume the data (or, for ``task="classifier"``, learn its
+    labels). A model without ``num_classes`` (null or 0: an unconditional ADM) ignores the data's labels."""
     c, h, w = data.sample_shape
     if (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size) != (c, h, w):
         raise ValueError(
@@ -54,8 +55,11 @@ def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
             f"gives {c}x{h}x{w}: set model.in_channels={c} model.input_size={h}"
         )
     context_dim = model_cfg.get("context_dim")
+    if task == "classifier" and not data.num_classes:
+        raise ValueError(f"task=classifier learns class labels, but {type(data).__name__} has none: train it on "
+                         f"shards of a class-folder input (tools/encode_latents.py input=<folder with class sub-folders>)")
     if context_dim is None:
-        if data.num_classes > (model_cfg.num_classes or 0):
+        if model_cfg.get("num_classes") and data.num_classes > model_cfg.num_classes:
             raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
         return
     if data.text_dim is None:
@@ -164,10 +168,12 @@ def setup(cfg: DictConfig) -> Session:
     check_resume_compatible(run_dir, cfg)
     # _partial_ keeps hydra from turning the BatchPlan dataclass into a config node.
     data: Loader = instantiate(cfg.data, _partial_=True)(plan=plan, rank=strategy.info.rank, seed=cfg.run.seed)
-    check_model_matches_data(cfg.model, data)
+    check_model_matches_data(cfg.model, data, cfg.task.name)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = apply_block_options(build_model(**cfg.model), cfg.run.activation_checkpointing, cfg.run.compile)
+    model = build_model(**cfg.model)
+    check_task_matches_model(cfg.task.name, model)
+    model = apply_block_options(model, cfg.run.activation_checkpointing, cfg.run.compile)
     strategy.setup(model, lambda params: build_adamw(params, cfg.optim.lr, cfg.optim.weight_decay,
                                                      cfg.optim.betas, cfg.optim.eps, cfg.optim.fused),
                    plan=plan, grad_clip=cfg.optim.grad_clip)

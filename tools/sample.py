@@ -84,6 +84,11 @@ def check_keys(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_samples", "per_class", "steps"):
         if cfg[key] is not None and int(cfg[key]) <= 0:
             raise ValueError(f"{key}={cfg[key]} must be positive")
+    if cfg.classifier is not None and not Path(cfg.classifier).exists():
+        raise FileNotFoundError(f"classifier={cfg.classifier}: no such run directory or checkpoint file")
+    if cfg.classifier is not None and Path(cfg.classifier).is_file() and cfg.classifier_model is None:
+        raise ValueError("classifier=<checkpoint file> needs its model config, e.g. "
+                         "'classifier_model={name: ADM-classifier-64}'")
     if cfg.num_samples is not None and cfg.per_class is not None:
         raise ValueError("per_class is the grid's (one row per class); num_samples= samples an evaluation set "
                          "(labels=balanced|uniform): give one of them")
@@ -113,6 +118,28 @@ def load_model(cfg: DictConfig, step: int | None):
     return load_weights(build_model(**cfg.model), cfg.ckpt, cfg.weights).eval(), None
 
 
+def load_classifier(cfg: DictConfig, model) -> torch.nn.Module | None:
+    """The noisy classifier of ``classifier=`` (a ``task=classifier`` run directory, or a checkpoint file with
+    ``classifier_model=``), checked to read the model's images; None without one."""
+    if cfg.classifier is None:
+        return None
+    if Path(cfg.classifier).is_dir():
+        classifier, run_cfg = load_run(cfg.classifier, None, cfg.classifier_weights)
+        if OmegaConf.select(run_cfg, "task.name") != "classifier":
+            raise ValueError(f"classifier={cfg.classifier} is a {OmegaConf.select(run_cfg, 'task.name') or 'diffusion'} "
+                             f"run; give a noisy classifier's (bigdit-train task=classifier)")
+    else:
+        classifier = load_weights(build_model(**cfg.classifier_model), cfg.classifier, cfg.classifier_weights).eval()
+    want = (model.in_channels, model.input_size)
+    if (classifier.in_channels, classifier.input_size) != want:
+        raise ValueError(f"classifier={cfg.classifier} reads {classifier.in_channels}x{classifier.input_size}px images "
+                         f"but the model makes {want[0]}x{want[1]}px ones")
+    if model.num_classes and classifier.num_classes != model.num_classes:
+        raise ValueError(f"classifier={cfg.classifier} has {classifier.num_classes} classes, the model "
+                         f"{model.num_classes}")
+    return classifier
+
+
 def default_out(cfg: DictConfig, ckpt: Path) -> Path:
     """``<run>/samples`` (grid) or ``<run>/samples/<step tag>-n<N>`` (evaluation set); ``./samples[...]`` with ckpt=."""
     base = Path(cfg.run) / "samples" if cfg.run is not None else Path("samples")
@@ -125,7 +152,9 @@ def settings(cfg: DictConfig, run_cfg: DictConfig | None) -> dict:
     """Sampler settings: the command's, else the run preset's ``sample:`` section, else DiT's defaults."""
     preset = run_cfg.get("sample") if run_cfg is not None else None
     preset = OmegaConf.to_container(preset, resolve=True) if preset is not None else {}
-    return {k: cfg[k] if cfg[k] is not None else preset.get(k, default) for k, default in DEFAULT_SETTINGS.items()}
+    out = {k: cfg[k] if cfg[k] is not None else preset.get(k, default) for k, default in DEFAULT_SETTINGS.items()}
+    scale = cfg.classifier_scale if cfg.classifier_scale is not None else preset.get("classifier_scale", 1.0)
+    return out | {"classifier_scale": scale}
 
 
 def data_manifest(run_cfg: DictConfig | None) -> tuple[str | None, Manifest | None]:
@@ -230,6 +259,9 @@ def sample_settings(cfg: DictConfig, s: dict, ckpt: Path, step: int | None, clip
         "guidance": s["guidance"], "eta": float(cfg.eta) if s["sampler"] == "ddim" else None,
         "clip_denoised": bool(clip_denoised), "seed": int(cfg.seed), "batch_size": int(cfg.batch_size),
         "precision": cfg.precision, "vae": cfg.vae, "vae_scale": cfg.vae_scale,
+        "classifier": str(Path(cfg.classifier).resolve()) if cfg.classifier is not None else None,
+        "classifier_weights": cfg.classifier_weights if cfg.classifier is not None else None,
+        "classifier_scale": float(s["classifier_scale"]) if cfg.classifier is not None else None,
     }))
 
 
@@ -308,6 +340,9 @@ def run(cfg: DictConfig) -> dict | None:
     model, run_cfg = load_model(cfg, step)
     s = settings(cfg, run_cfg)
     check_settings(s)
+    if cfg.classifier is not None and s["sampler"] == "dpm++":
+        raise ValueError("classifier guidance works with sampler=ddpm or ddim (ADM's samplers), not dpm++")
+    classifier = load_classifier(cfg, model)
     root, manifest = data_manifest(run_cfg)
 
     null, prompts = None, None
@@ -316,10 +351,12 @@ def run(cfg: DictConfig) -> dict | None:
         prompts = names
         values = torch.arange(len(names))  # arr_1: the prompt index
     else:
-        names = list(range(model.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
-        bad = [c for c in names if not 0 <= c < model.num_classes]
+        # an unconditional model draws its classes from the classifier that guides it (one row without either)
+        num_classes = model.num_classes or (classifier.num_classes if classifier is not None else 0)
+        names = list(range(max(num_classes, 1))) if cfg.classes is None else [int(c) for c in cfg.classes]
+        bad = [c for c in names if not 0 <= c < max(num_classes, 1)]
         if bad:
-            raise ValueError(f"classes {bad} are outside 0..{model.num_classes - 1}")
+            raise ValueError(f"classes {bad} are outside 0..{max(num_classes, 1) - 1}")
         conds = values = torch.tensor(names, dtype=torch.long)
     k = len(names)
     if grid:
@@ -350,11 +387,13 @@ def run(cfg: DictConfig) -> dict | None:
         x = generate(model, schedule, conds[which], null=null, sampler=s["sampler"], steps=int(s["steps"]),
                      cfg_scale=cfg_scale, guidance=s["guidance"], eta=cfg.eta, clip_denoised=clip_denoised,
                      seed=int(cfg.seed), indices=torch.tensor(list(span)), batch_size=len(span),
-                     precision=cfg.precision, device=device)
+                     precision=cfg.precision, device=device, classifier=classifier,
+                     classifier_scale=float(s["classifier_scale"]))
         return to_uint8_images(decode(x)), values[which].numpy().astype(np.int64)
 
-    what = (f"{s['sampler']}, {s['steps']} steps, cfg {cfg_scale} in DiT's convention, {cfg.precision}, batch "
-            f"{cfg.batch_size}")
+    what = (f"{s['sampler']}, {s['steps']} steps, cfg {cfg_scale} in DiT's convention"
+            + (f", classifier scale {s['classifier_scale']}" if classifier is not None else "")
+            + f", {cfg.precision}, batch {cfg.batch_size}")
     t0 = time.perf_counter()
     if grid:
         parts = [sample_chunk(c) for c in range(plan.num_chunks)]
