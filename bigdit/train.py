@@ -161,6 +161,9 @@ def setup(cfg: DictConfig) -> Session:
     if cfg.run.precision not in ("fp32", "bf16"):
         raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
     loss_fn = task_loss(cfg.task.name)
+    if cfg.task.name == "classifier" and (cfg.eval.every or cfg.eval.grid_every):
+        raise ValueError("eval=fid samples the model being trained, and task=classifier trains no denoiser: use "
+                         "eval=none (guide a denoiser with it in tools/sample.py classifier=<run dir>)")
     check_loggers(cfg.run.loggers)
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)

@@ -76,9 +76,18 @@ def _diffusers_notes(model, betas_len: int, settings_guidance: str | None) -> st
 """
 
 
+def official_layout(model_cfg: dict) -> bool:
+    """Whether the official code loads the state dict as it is (``ema.pt``): DiT's, and ADM's (guided-diffusion's
+    plain state dicts, denoisers and classifiers) unless label dropout added a null row to its label table."""
+    if model_cfg["name"].startswith("DiT-"):
+        return True
+    return model_cfg["name"].startswith("ADM-") and not model_cfg.get("class_dropout_prob")
+
+
 def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, model, ckpt: Path, out: Path,
                        manifest, settings: dict) -> str:
-    """``ema.safetensors`` (+ ``model.safetensors``), ``model_config.json``, ``ema.pt`` for DiT; returns the usage."""
+    """``ema.safetensors`` (+ ``model.safetensors``), ``model_config.json``, ``ema.pt`` in the official format for DiT
+    and ADM; returns the usage."""
     import torch
     from safetensors.torch import save_file
 
@@ -88,7 +97,7 @@ def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, mode
         weights = consolidated_weights(ckpt, run_cfg.model, which)
         model.load_state_dict(weights, strict=True)  # refuse to write a partial export
         save_file({k: v.contiguous() for k, v in weights.items()}, out / f"{which}.safetensors")
-        if which == "ema" and model_cfg["name"].startswith("DiT-"):
+        if which == "ema" and official_layout(model_cfg):
             torch.save(weights, out / "ema.pt")
     # with ckpt= tools/sample.py knows neither the run's preset nor its shards: the card spells them out
     args = " ".join(f"{k}={v}" for k, v in settings.items())
