@@ -127,7 +127,7 @@ class DigitsOracle(torch.nn.Module):
     def __init__(self, schedule):
         super().__init__()
         self.x0 = Digits().x.flatten(1).double()
-        self.abar = torch.from_numpy(schedule.alphas_cumprod)
+        self.abar = torch.tensor(schedule.alphas_cumprod)
 
     def forward(self, x, t, y=None, **_):
         abar = self.abar[t][:, None]
