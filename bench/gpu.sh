@@ -40,7 +40,8 @@
 #     xl-256-ac     DiT-XL/2 compiled, batch 256, activation checkpoint  ~105 s   210 s
 #     udit-b-256    U-DiT-B compiled, batch 256                          ~100 s   210 s
 #                                                                 total ~410 s (6.8 min)
-#   full1 (540 s): xl-32, xl-64, xl-256 compiled (~95 s each), udit-b-eager-128 (~40 s), vae-512 (~25 s)  ~6 min
+#   full1 (540 s): xl-32, xl-64, xl-256 compiled (~95 s each), udit-b-eager-128 (~40 s), vae-512 (~25 s),
+#                  adm-256-eager-16 (ADM-256 in pixels, 3x256x256, batch 16, eager: ~45 s)                 ~7 min
 #   full2 (540 s): udit-b-32, udit-b-64, udit-b-128 compiled (~100 s each), udit-l-32 (~110 s)          ~7 min
 #   full3 (540 s): udit-l-64, udit-l-128, udit-l-256 compiled (~110-125 s each)                       ~6 min
 #
@@ -107,6 +108,10 @@ export TMPDIR=$BENCH_TMP
 XL="model=dit model.name=DiT-XL/2"
 UB="model=udit model.name=U-DiT-B"
 UL="model=udit model.name=U-DiT-L"
+# ADM-256 on 3x256x256 synthetic pixels (1,120 GMACs per forward: batch 16 keeps its activations well inside
+# the GPU's memory); eager, as per-block compilation of its ~40 distinct block shapes would take minutes.
+ADM="model=dit model.name=ADM-256 model.input_size=256 model.in_channels=3 model.class_dropout_prob=0 \
+data.source.shape=[3,256,256] data.source.size=256"
 STEPS="run.steps=30 bench.warmup_steps=10 bench.log_every=10"
 PRECISION=run.precision=bf16
 COMPILE=run.compile=true
@@ -117,6 +122,8 @@ if [[ ${BENCH_SMOKE:-0} == 1 ]]; then  # tiny models on a CPU: the same rows, co
   XL="model=dit model.name=DiT-S/2 +model.depth=1"
   UB="model=udit model.name=U-DiT-S +model.depth=[1,1,1,1,1] +model.hidden_size=32 +model.num_heads=2"
   UL=$UB
+  ADM="model=dit model.name=ADM-64 model.input_size=32 model.in_channels=3 model.class_dropout_prob=0 \
++model.model_channels=64 +model.num_res_blocks=1 data.source.shape=[3,32,32] data.source.size=16"
   STEPS="run.steps=8 bench.warmup_steps=4 bench.log_every=4"  # the profile needs steps 5-8
   PRECISION=run.precision=fp32  # bf16 autocast on a CPU is ~10x slower than fp32
   [[ ${BENCH_SMOKE_COMPILE:-0} == 1 ]] || COMPILE=run.compile=false
@@ -152,6 +159,7 @@ part_full1() {
   train xl-256 210 90 $XL $COMPILE run.global_batch=$(b 256)
   train udit-b-eager-128 120 40 $UB run.compile=false run.global_batch=$(b 128)
   row vae-512 90 20 "$PY" tools/bench_encode.py resolutions=$([[ ${BENCH_SMOKE:-0} == 1 ]] && echo 64 || echo 512) $VAE_ARGS
+  train adm-256-eager-16 150 60 $ADM run.compile=false run.global_batch=$(b 16)
 }
 part_full2() {
   train udit-b-32 180 80 $UB $COMPILE run.global_batch=$(b 32)

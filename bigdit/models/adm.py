@@ -33,13 +33,13 @@ class GroupNorm32(nn.GroupNorm):
 
     def __init__(self, channels: int):
         if channels % 32:
-            raise ValueError(f"ADM normalises {channels} channels in 32 groups: widths must be multiples of 32")
+            raise ValueError(f"ADM normalises in 32 groups but a layer has {channels} channels: choose model_channels "
+                             f"and channel_mult so that every width (and skip concatenation) is a multiple of 32")
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Autocast off: it would otherwise choose the dtype itself; the weights may be bf16 under FSDP2.
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        # Weights too: FSDP2 may hold them in bf16. Autocast keeps group_norm in float32 (its fp32 op list).
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return out.type(x.dtype)
 
 
@@ -101,6 +101,21 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
     return heads
 
 
+class TimeEmbed(nn.Sequential):
+    """Timesteps (N,) -> embeddings (N, 4 x model_channels): sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, model_channels: int):
+        super().__init__(nn.Linear(model_channels, 4 * model_channels), nn.SiLU(),
+                         nn.Linear(4 * model_channels, 4 * model_channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(timestep_embedding(t, self[0].in_features).to(self[0].weight.dtype))
+
+    def macs(self) -> int:
+        """Multiply-adds of one sample."""
+        return sum(layer.in_features * layer.out_features for layer in self if isinstance(layer, nn.Linear))
+
+
 class TimestepBlock(nn.Module):
     """A module whose ``forward(x, emb)`` also takes the timestep (and label) embedding."""
 
@@ -128,10 +143,9 @@ class TimestepEmbedSequential(nn.Sequential):
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 convolution when ``use_conv`` (``conv_resample``)."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.channels = channels
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -145,15 +159,9 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     """2x downsampling: a stride-2 3x3 convolution when ``use_conv`` (``conv_resample``), else 2x2 average pooling."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
-        elif out_channels != channels:
-            raise ValueError(f"average-pool downsampling cannot change {channels} channels to {out_channels}")
-        else:
-            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -172,11 +180,13 @@ class ResBlock(TimestepBlock):
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 use_conv: bool = False, use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
         super().__init__()
         self.out_channels = out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -188,14 +198,13 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.out_layers[3].weight)  # the residual branch starts at zero
         nn.init.zeros_(self.out_layers[3].bias)
-        if out_channels == channels:
-            self.skip_connection = nn.Identity()
-        else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 3 if use_conv else 1, padding=int(use_conv))
+        # guided-diffusion's use_conv (a 3x3 skip) is never set by its constructors: the skip is 1x1.
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, act, conv = self.in_layers
@@ -204,13 +213,13 @@ class ResBlock(TimestepBlock):
             h, x = self.h_upd(h), self.x_upd(x)
         h = conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+        out_norm, out_act, out_drop, out_conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_norm(h) * (1 + scale) + shift
         else:
-            h = out_rest(out_norm(h + emb_out))
-        return self.skip_connection(x) + h
+            h = out_norm(h + emb_out)
+        return self.skip_connection(x) + out_conv(out_drop(out_act(h)))
 
     def macs(self, side: int) -> tuple[int, int]:
         """Multiply-adds of one sample entering at ``side``, and the side it leaves at."""
@@ -310,8 +319,8 @@ def _encoder(in_channels: int, model_channels: int, num_res_blocks: int, attenti
 
 
 def _check_common(dims: int, image_size: int | None, input_size: int | None, channel_mult: Sequence[float],
-                  model: str) -> int:
-    """Validate what both networks share; return the image side."""
+                  attention_resolutions: Sequence[int], model: str) -> tuple[int, tuple, tuple]:
+    """Validate what both networks share; return the image side, ``channel_mult`` and ``attention_resolutions``."""
     if dims != 2:
         raise ValueError(f"{model}: dims={dims} is not supported; bigdit's ADM is the 2-D image U-Net (dims=2)")
     if image_size is not None and input_size is not None and image_size != input_size:
@@ -319,10 +328,21 @@ def _check_common(dims: int, image_size: int | None, input_size: int | None, cha
     side = image_size if image_size is not None else input_size
     if side is None:
         raise ValueError(f"{model}: give the image side as image_size (or input_size)")
-    if side % 2 ** (len(channel_mult) - 1):
-        raise ValueError(f"{model}: image side {side} must be divisible by 2**{len(channel_mult) - 1} for "
-                         f"{len(channel_mult)} levels (channel_mult={tuple(channel_mult)})")
-    return side
+    if isinstance(channel_mult, str) or isinstance(attention_resolutions, str):
+        # create_model's strings ("1,1,2,2,4,4", "32,16,8" in pixels) are not the constructor's numbers
+        raise ValueError(f"{model}: channel_mult and attention_resolutions are sequences of numbers, e.g. "
+                         f"channel_mult=[1,1,2,2,4,4] attention_resolutions=[8,16,32] (downsample rates: "
+                         f"create_model's '32,16,8' at 256px); got {channel_mult!r}, {attention_resolutions!r}")
+    channel_mult, rates = tuple(channel_mult), tuple(attention_resolutions)
+    deepest = 2 ** (len(channel_mult) - 1)
+    if side % deepest:
+        raise ValueError(f"{model}: image side {side} must be divisible by {deepest} for {len(channel_mult)} levels "
+                         f"(channel_mult={channel_mult})")
+    reached = {2 ** level for level in range(len(channel_mult))}
+    if not set(rates) <= reached:
+        raise ValueError(f"{model}: attention_resolutions {rates} are downsample rates, but {len(channel_mult)} levels "
+                         f"reach only {sorted(reached)}: drop {sorted(set(rates) - reached)} or add levels")
+    return side, channel_mult, rates
 
 
 class UNetModel(nn.Module):
@@ -361,8 +381,9 @@ class UNetModel(nn.Module):
         class_dropout_prob: float = 0.0,
     ):
         super().__init__()
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        self.image_size = self.input_size = _check_common(dims, image_size, input_size, channel_mult, "ADM")
+        side, channel_mult, attention_resolutions = _check_common(
+            dims, image_size, input_size, channel_mult, attention_resolutions, "ADM")
+        self.image_size = self.input_size = side
         if out_channels is None:
             out_channels = in_channels * (1 if learn_sigma is False else 2)
         elif learn_sigma is not None and out_channels != in_channels * (1 + int(learn_sigma)):
@@ -380,7 +401,7 @@ class UNetModel(nn.Module):
         self.class_dropout_prob = class_dropout_prob
 
         emb = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = TimeEmbed(model_channels)
         if num_classes is not None:
             # One extra row (index num_classes) for the null label of classifier-free guidance.
             self.label_emb = nn.Embedding(num_classes + int(class_dropout_prob > 0), emb)
@@ -410,11 +431,8 @@ class UNetModel(nn.Module):
 
     def forward_flops(self) -> int:
         """Forward FLOPs of one sample, by the conventions of :mod:`bigdit.flops` (resampling is free)."""
-        side, macs = self.image_size, _time_embed_macs(self.time_embed)
-        for block in [*self.input_blocks, self.middle_block, *self.output_blocks]:
-            block_macs, side = block.macs(side)
-            macs += block_macs
-        return 2 * (macs + conv_macs(self.out[2], side))
+        macs, side = _path_macs([*self.input_blocks, self.middle_block, *self.output_blocks], self.image_size)
+        return 2 * (self.time_embed.macs() + macs + conv_macs(self.out[2], side))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -426,7 +444,7 @@ class UNetModel(nn.Module):
         Timesteps are used as given (guided-diffusion's ``rescale_timesteps`` is off in every published model).
         """
         check_input(x, self.in_channels, self.image_size, "ADM")
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t)
         if self.num_classes is not None:
             if y is None or y.shape != (x.shape[0],):
                 raise ValueError(f"class-conditional ADM expects labels y of shape ({x.shape[0]},), got "
@@ -479,8 +497,9 @@ class EncoderUNetModel(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        self.image_size = self.input_size = _check_common(dims, image_size, input_size, channel_mult, "ADM classifier")
+        side, channel_mult, attention_resolutions = _check_common(
+            dims, image_size, input_size, channel_mult, attention_resolutions, "ADM classifier")
+        self.image_size = self.input_size = side
         if out_channels is not None and num_classes is not None and out_channels != num_classes:
             raise ValueError(f"ADM classifier: out_channels={out_channels} and num_classes={num_classes} name the "
                              f"same number of logits; give one")
@@ -496,8 +515,7 @@ class EncoderUNetModel(nn.Module):
         self.num_classes = out_channels
         self.pool = pool
 
-        emb = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = TimeEmbed(model_channels)
         self.input_blocks, self.middle_block, _, ch, ds = _encoder(
             in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample,
             num_heads, num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
@@ -516,18 +534,18 @@ class EncoderUNetModel(nn.Module):
 
     def forward_flops(self) -> int:
         """Forward FLOPs of one sample, by the conventions of :mod:`bigdit.flops`."""
-        side, macs = self.image_size, _time_embed_macs(self.time_embed)
-        for block in [*self.input_blocks, self.middle_block]:
-            block_macs, side = block.macs(side)
-            macs += block_macs
-        head = self.out[2] if self.pool == "attention" else None
-        macs += head.macs(side)[0] if head is not None else conv_macs(self.out[3], 1)
+        macs, side = _path_macs([*self.input_blocks, self.middle_block], self.image_size)
+        macs += self.time_embed.macs()
+        if self.pool == "attention":
+            macs += self.out[2].macs(side)[0]
+        else:
+            macs += conv_macs(self.out[3], 1)  # after pooling to 1x1
         return 2 * macs
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Class logits (N, out_channels) of noisy images ``x`` at timesteps ``t`` (used as given)."""
         check_input(x, self.in_channels, self.image_size, "ADM classifier")
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(t)
         h = x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -538,12 +556,17 @@ def _repeated_blocks(sequences: list[TimestepEmbedSequential]) -> list[nn.Module
     return [layer for seq in sequences for layer in seq if isinstance(layer, (ResBlock, AttentionBlock))]
 
 
-def _time_embed_macs(time_embed: nn.Sequential) -> int:
-    return sum(layer.in_features * layer.out_features for layer in time_embed if isinstance(layer, nn.Linear))
+def _path_macs(blocks: list[TimestepEmbedSequential], side: int) -> tuple[int, int]:
+    """Multiply-adds of one sample through ``blocks`` entering at ``side``, and the side it leaves at."""
+    total = 0
+    for block in blocks:
+        macs, side = block.macs(side)
+        total += macs
+    return total, side
 
 
 def _registered(cls: type[nn.Module], preset: dict, aliases: dict[str, str]) -> Callable[..., nn.Module]:
-    """A registry entry: ``cls`` with ``preset``'s keywords, which the caller's override.
+    """A registry entry: ``cls`` with ``preset``'s keywords; those the caller passes override them.
 
     ``aliases`` maps bigdit's names to guided-diffusion's (``input_size`` -> ``image_size``): a keyword given
     under either name replaces the preset's value under the other.
@@ -569,16 +592,18 @@ def _attention_rates(side: int) -> tuple[int, ...]:
     return tuple(side // res for res in (32, 16, 8))
 
 
+def _unet(side: int, **kwargs) -> dict:
+    return {**_UNET, "image_size": side, "channel_mult": _MULT[side], "attention_resolutions": _attention_rates(side),
+            **kwargs}
+
+
 _UNETS = {
-    "ADM-64": dict(_UNET, image_size=64, model_channels=192, num_res_blocks=3, dropout=0.1,
-                   use_new_attention_order=True),
-    "ADM-128": dict(_UNET, image_size=128, num_head_channels=-1),
-    "ADM-256": dict(_UNET, image_size=256),
-    "ADM-256-uncond": dict(_UNET, image_size=256, num_classes=None),
-    "ADM-512": dict(_UNET, image_size=512),
+    "ADM-64": _unet(64, model_channels=192, num_res_blocks=3, dropout=0.1, use_new_attention_order=True),
+    "ADM-128": _unet(128, num_head_channels=-1),
+    "ADM-256": _unet(256),
+    "ADM-256-uncond": _unet(256, num_classes=None),
+    "ADM-512": _unet(512),
 }
-for _preset in _UNETS.values():
-    _preset.update(channel_mult=_MULT[_preset["image_size"]], attention_resolutions=_attention_rates(_preset["image_size"]))
 
 # The noisy classifiers (guided-diffusion's create_classifier; depth 4 at 64px, as the README's flags).
 _CLASSIFIERS = {

@@ -211,7 +211,7 @@ class TimestepEmbedder(nn.Module):
 
 def drop_labels(labels: torch.Tensor, null_label: int, dropout_prob: float,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Replace dropped labels by ``null_label``: those ``force_drop_ids`` marks 1, else a random share ``dropout_prob``."""
+    """Replace dropped labels by ``null_label``: those marked 1 in ``force_drop_ids``, else a random share."""
     if force_drop_ids is None:
         drop = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
     else:
