@@ -62,11 +62,19 @@ def hydra_dict(cfg: Mapping[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {value(v)}" for k, v in cfg.items()) + "}"
 
 
+def official_layout(model_cfg: dict) -> bool:
+    """Whether the official code loads the state dict as it is (``ema.pt``): DiT's, and ADM's (guided-diffusion's
+    plain state dicts, denoisers and classifiers) unless label dropout added a null row to its label table."""
+    if model_cfg["name"].startswith("DiT-"):
+        return True
+    return model_cfg["name"].startswith("ADM-") and not model_cfg.get("class_dropout_prob")
+
+
 def write_safetensors(out: Path, model_cfg: DictConfig, model: torch.nn.Module,
                       weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """``model_config.json`` and ``<which>.safetensors`` for each of ``weights`` (``ema``, ``model``) into ``out``;
-    DiT models also get ``ema.pt``, the official DiT checkpoint format. Each set must load into ``model``
-    strictly: a partial export is refused."""
+    DiT and ADM models also get ``ema.pt``, the official checkpoint format (:func:`official_layout`). Each set
+    must load into ``model`` strictly: a partial export is refused."""
     from safetensors.torch import save_file
 
     config = OmegaConf.to_container(model_cfg, resolve=True)
@@ -74,7 +82,7 @@ def write_safetensors(out: Path, model_cfg: DictConfig, model: torch.nn.Module,
     for which, state in weights.items():
         model.load_state_dict(state, strict=True)
         save_file({k: v.contiguous() for k, v in state.items()}, out / f"{which}.safetensors")
-        if which == "ema" and config["name"].startswith("DiT-"):
+        if which == "ema" and official_layout(config):
             torch.save(state, out / "ema.pt")
 
 

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bigdit.checkpoint import latest_checkpoint, step_tag
 from bigdit.codec import LatentCodec
-from bigdit.diffusion import (FLOW_SAMPLERS, SAMPLERS, Schedule, Transport, flow_sample, guidance_time, guided_model_fn,
-                              sample)
+from bigdit.diffusion import (FLOW_SAMPLERS, SAMPLERS, Schedule, Transport, classifier_cond_fn, flow_sample,
+                              guidance_time, guided_model_fn, sample)
 from bigdit.export import consolidated_weights
 from bigdit.models import build_model
 
@@ -98,6 +98,8 @@ def generate(
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     progress: bool = False,
+    classifier: torch.nn.Module | None = None,
+    classifier_scale: float = 1.0,
     **flow_settings,
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in model space for ``cond``, in batches, reproducible under ``seed``.
@@ -108,7 +110,10 @@ def generate(
     (0 = noise, 1 = data; a DDPM step k is at 1 - k / T).
 
     ``cond`` is class labels (N,), guided against the model's null label, or, for a text-to-image model,
-    CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D).
+    CLIP token embeddings (N, T, D) guided against ``null``, the empty-prompt embedding (T, D). An unconditional
+    model (``num_classes`` None or 0) ignores the labels. With a noisy ``classifier`` (ADM-G) every step is also
+    guided by ``classifier_scale`` times the gradient of its ``log p(cond | x_t)`` (DDPM and DDIM; combines with
+    ``cfg_scale``).
 
     ``clip_denoised`` clamps each predicted x0 to [-1, 1] (DDPM/DDIM, what ADM does in pixel space; latents are
     left unclipped). Sample ``k`` draws all its noise (``x_T`` and DDPM's or the SDE's per-step noise) from its own
@@ -132,6 +137,15 @@ def generate(
     shape = (model.in_channels, model.input_size, model.input_size)
     if getattr(model, "context_dim", None) is not None and null is None:
         raise ValueError("a text-to-image model samples with null= the empty-prompt embedding (T, D)")
+    if cfg_scale != 1.0 and null is None and (not model.num_classes or getattr(model, "class_dropout_prob", 1) == 0):
+        raise ValueError(f"cfg_scale={cfg_scale}: classifier-free guidance needs a null label, which "
+                         f"{type(model).__name__} only has when trained with label dropout (model.class_dropout_prob "
+                         f"> 0); use cfg_scale=1, or classifier guidance (classifier=<noisy classifier run>)")
+    if classifier is not None:
+        if cond.ndim != 1 or flow:
+            raise ValueError("classifier guidance (ADM-G) needs class labels and a Gaussian diffusion (DDPM/DDIM); "
+                             "this model is text-to-image or a flow model")
+        classifier = classifier.to(device).eval()
     null = model.num_classes if null is None else null.to(device)
     indices = torch.arange(len(cond)) if indices is None else torch.as_tensor(indices)
     if len(indices) != len(cond):
@@ -141,6 +155,12 @@ def generate(
             return model(*args, **kwargs).float()
 
     net = bf16_net if precision == "bf16" else model
+
+    def bf16_classifier(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return classifier(*args).float()
+
+    judge = bf16_classifier if precision == "bf16" else classifier
 
     outs = []
     for y, idx in zip(cond.split(batch_size), indices.split(batch_size)):
@@ -153,9 +173,10 @@ def generate(
             x = flow_sample(fn, diffusion, sampler=sampler, steps=steps, shape=(len(y), *shape), generator=generators,
                             device=device, progress=progress, **flow_settings)
         else:
+            cond_fn = None if classifier is None else classifier_cond_fn(judge, y, classifier_scale)
             x = sample(fn, sampler=sampler, steps=steps, train_schedule=diffusion, shape=(len(y), *shape),
                        learn_sigma=model.learn_sigma, generator=generators, eta=eta, clip_denoised=clip_denoised,
-                       device=device, progress=progress)
+                       device=device, progress=progress, cond_fn=cond_fn)
         outs.append(x.cpu())
     return torch.cat(outs)
 

@@ -46,14 +46,16 @@ from bigdit.preemption import PreemptionGuard
 from bigdit.profiling import StepProfiler
 from bigdit.repa import HiddenTap, alignment_loss, alignment_weight, attach_projector, check_repa_data, repa_enabled
 from bigdit.snapshots import Snapshots, check_snapshot_every
+from bigdit.tasks import TaskLoss, check_task_matches_model, task_loss
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 #: run.nonfinite: skip a non-finite step (stop after run.max_skipped in a row), stop at the first, or no check
 NONFINITE = ("skip", "stop", "off")
 
 
-def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
-    """Fail before any compute when the model cannot consume the data."""
+def check_model_matches_data(model_cfg: DictConfig, data: Loader, task: str = "diffusion") -> None:
+    """Fail before any compute when the model cannot consume the data (or, for ``task="classifier"``, learn its
+    labels). A model without ``num_classes`` (null or 0: an unconditional ADM) ignores the data's labels."""
     c, h, w = data.sample_shape
     if (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size) != (c, h, w):
         raise ValueError(
@@ -61,8 +63,11 @@ def check_model_matches_data(model_cfg: DictConfig, data: Loader) -> None:
             f"gives {c}x{h}x{w}: set model.in_channels={c} model.input_size={h}"
         )
     context_dim = model_cfg.get("context_dim")
+    if task == "classifier" and not data.num_classes:
+        raise ValueError(f"task=classifier learns class labels, but {type(data).__name__} has none: train it on "
+                         f"shards of a class-folder input (tools/encode_latents.py input=<folder with class sub-folders>)")
     if context_dim is None:
-        if data.num_classes > (model_cfg.num_classes or 0):
+        if model_cfg.get("num_classes") and data.num_classes > model_cfg.num_classes:
             raise ValueError(f"data has {data.num_classes} classes but model.num_classes={model_cfg.num_classes}")
         return
     if data.text_dim is None:
@@ -87,7 +92,10 @@ def conditioning(batch: dict[str, torch.Tensor], drop: torch.Tensor, empty_conte
 
 
 def dropout_probability(cfg: DictConfig) -> float:
-    """``cond.caption_dropout_prob`` for a text-to-image model, ``model.class_dropout_prob`` for labels."""
+    """``cond.caption_dropout_prob`` for a text-to-image model, ``model.class_dropout_prob`` for labels, 0 for a
+    classifier (its labels are its targets)."""
+    if cfg.task.name == "classifier":
+        return 0.0
     if cfg.model.get("context_dim") is None:
         return float(cfg.model.class_dropout_prob)
     prob = OmegaConf.select(cfg, "cond.caption_dropout_prob")
@@ -182,6 +190,8 @@ class Session:
     empty_context: torch.Tensor | None
     #: label dropout (to the model's null label) or caption dropout (to the empty prompt), for guidance
     drop_prob: float
+    #: the micro-batch loss of ``task.name`` (bigdit.tasks)
+    loss_fn: TaskLoss
     step: int = 0
     nimg: int = 0
     #: optimizer steps skipped for a non-finite loss or gradient, over the whole run (checkpointed)
@@ -233,8 +243,13 @@ def setup(cfg: DictConfig) -> Session:
     if cfg.run.nonfinite not in NONFINITE or cfg.run.max_skipped < 1:
         raise ValueError(f"run.nonfinite must be one of {', '.join(NONFINITE)} (got {cfg.run.nonfinite!r}) and "
                          f"run.max_skipped >= 1 (got {cfg.run.max_skipped})")
+    loss_fn = task_loss(cfg.task.name)
+    if cfg.task.name == "classifier" and (cfg.eval.every or cfg.eval.grid_every):
+        raise ValueError("eval=fid samples the model being trained, and task=classifier trains no denoiser: use "
+                         "eval=none (guide a denoiser with it in tools/sample.py classifier=<run dir>)")
     check_loggers(cfg.run.loggers)
-    objective = build_objective(OmegaConf.to_container(cfg.diffusion, resolve=True), cfg.model.learn_sigma)
+    objective = build_objective(OmegaConf.to_container(cfg.diffusion, resolve=True),
+                                bool(cfg.model.get("learn_sigma", False)))
     strategy = build_strategy(**cfg.strategy, precision=cfg.run.precision)
     plan = BatchPlan.from_config(cfg.run.global_batch, cfg.run.micro_batch, strategy.info.world_size)
     check_snapshot_every(cfg.ema, plan.global_batch)
@@ -242,10 +257,11 @@ def setup(cfg: DictConfig) -> Session:
     check_run_dir(run_dir)
     check_resume_compatible(run_dir, cfg)
     data = build_loader(cfg, plan, strategy.info.rank)
-    check_model_matches_data(cfg.model, data)
+    check_model_matches_data(cfg.model, data, cfg.task.name)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(**cfg.model)
+    check_task_matches_model(cfg.task.name, model, objective)
     tap = None
     if repa_enabled(cfg):  # the projector joins the model before any strategy wraps it
         check_repa_data(cfg.repa, data.repa, attach_projector(model, cfg.repa), cfg.data._target_)
@@ -257,7 +273,7 @@ def setup(cfg: DictConfig) -> Session:
     text = cfg.model.get("context_dim") is not None
     s = Session(cfg, strategy, plan, data, objective, build_ema(cfg.ema, strategy.ema_targets()),
                 Checkpointer(run_dir / "checkpoints", strategy, cfg.run.keep_ckpts),
-                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), repa=tap)
+                data.empty_context.to(strategy.device) if text else None, dropout_probability(cfg), loss_fn, repa=tap)
     restored = s.ckpt.load_latest(cfg.run.resume_step)
     if restored is not None:
         extra, ema_state = restored
@@ -298,16 +314,17 @@ def train_step(s: Session, step: int) -> tuple[torch.Tensor, torch.Tensor, float
     # After repa.stop_step the weight is 0 but the term stays in the graph: every strategy then still sees the
     # projector's parameters used (DDP would stop on unused ones), and repa_loss keeps being logged.
     weight = alignment_weight(step, cfg.repa.coeff, cfg.repa.stop_step) if s.repa else 0.0
+    def forward(*args, **kwargs) -> torch.Tensor:  # the network under autocast; the task's loss stays fp32
+        with autocast:
+            return strategy.model(*args, **kwargs)
+
     for micro, batch in enumerate(s.data.micro_batches(step)):
         draws = draw_samples(cfg.run.seed, step, plan.span(rank, micro), s.data.sample_shape, s.drop_prob, device)
         x0 = batch["x"].to(device, non_blocking=True)
         y = conditioning(batch, draws.drop, s.empty_context, device)
         t = s.objective.time(draws.u)
-        xt = s.objective.noised(x0, t, draws.noise)
-        with (strategy.no_sync(micro < plan.accum_steps - 1), autocast,
-              s.repa.capture() if s.repa else contextlib.nullcontext()):
-            out = strategy.model(xt, t, y, force_drop_ids=draws.drop)
-        loss = s.objective.loss(out.float(), x0, xt, t, draws.noise).mean()
+        with strategy.no_sync(micro < plan.accum_steps - 1), s.repa.capture() if s.repa else contextlib.nullcontext():
+            loss = s.loss_fn(s.objective, forward, x0, y, t, draws.noise, draws.drop)
         align = alignment(s, batch) if s.repa else None
         strategy.backward((loss if align is None else loss + weight * align) / plan.accum_steps)
         mean_loss += loss.detach() / plan.accum_steps

@@ -33,9 +33,9 @@ STRATEGIES = {
 }
 
 
-def launch(run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
-    """``bigdit-train`` with ``ranks`` processes under torchrun (or a plain process for 1)."""
-    args = [*BASE, f"run.dir={run_dir}", *overrides]
+def launch(run_dir: Path, ranks: int, *overrides: str, base: list[str] = BASE) -> subprocess.CompletedProcess:
+    """``bigdit-train`` with ``ranks`` processes under torchrun (or a plain process for 1), ``base`` + ``overrides``."""
+    args = [*base, f"run.dir={run_dir}", *overrides]
     if ranks == 1:
         cmd = [sys.executable, "-m", "bigdit.train", *args]
     else:

@@ -28,9 +28,15 @@ TINY = [
 ]
 
 
-def make_cfg(run_dir: Path, *overrides: str):
+# The same for ADM in pixel space (a tiny U-Net) and for its noisy classifier (task=classifier).
+ADM_TINY = ["experiment=adm_digits", "run.global_batch=16", "run.log_every=1", "run.ckpt_every=4", "ema.decay=0.9",
+            "optim.warmup_steps=0"]
+ADM_CLASSIFIER_TINY = ["experiment=adm_classifier_digits", *ADM_TINY[1:]]
+
+
+def make_cfg(run_dir: Path, *overrides: str, base: list[str] = TINY):
     with initialize_config_dir(CONFIG_DIR, version_base=None):
-        return compose("train", overrides=[*TINY, f"run.dir={run_dir}", *overrides])
+        return compose("train", overrides=[*base, f"run.dir={run_dir}", *overrides])
 
 
 def final_state(run_dir: Path) -> dict:
@@ -73,10 +79,11 @@ def test_loss_decreases_and_run_dir_contents(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000000040"
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    train(make_cfg(tmp_path / "straight", "run.steps=8"))
+@pytest.mark.parametrize("base", [TINY, ADM_TINY, ADM_CLASSIFIER_TINY], ids=["dit", "adm", "adm-classifier"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, base):
+    train(make_cfg(tmp_path / "straight", "run.steps=8", base=base))
 
-    crashed = make_cfg(tmp_path / "crashed", "run.steps=8")
+    crashed = make_cfg(tmp_path / "crashed", "run.steps=8", base=base)
     real_step, calls = DDPStrategy.optimizer_step, {"n": 0}
 
     def crash_at_sixth(self, max_norm, skip_nonfinite=True):
@@ -90,7 +97,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         train(crashed)
     assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step-000000004"
     monkeypatch.setattr(DDPStrategy, "optimizer_step", real_step)
-    train(make_cfg(tmp_path / "crashed", "run.steps=8"))  # the same command again resumes
+    train(make_cfg(tmp_path / "crashed", "run.steps=8", base=base))  # the same command again resumes
 
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "crashed")
     assert_same_tensors(a["model"], b["model"])

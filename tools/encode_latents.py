@@ -36,7 +36,7 @@ import webdataset as wds
 from omegaconf import DictConfig
 
 import bigdit  # noqa: F401  (torchvision shim before diffusers)
-from bigdit.codec import pixel_moments, vae_moments, vae_scaling
+from bigdit.codec import pixel_moments, quantize_pixels, vae_moments, vae_scaling
 from bigdit.data.images import DIGITS, Item, decode_sample, input_tars, list_inputs, load_pixels, sanitize_key, tar_samples
 from bigdit.data.schema import ChannelStats, Manifest, shard_name
 from bigdit.data.shards import finalize, shard_io, write_shard
@@ -64,14 +64,22 @@ def load_vae(cfg: DictConfig, device: torch.device):
     return vae.to(device).eval()
 
 
+def pixel_shards(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` writes uint8 pixel shards: ``vae=none`` on images. ``sklearn:digits`` keep float16 moments
+    (their 17 grey levels 0..16 are no 8-bit image; the demo's measured numbers were made from those)."""
+    return str(cfg.vae).lower() == "none" and str(cfg.input) != DIGITS
+
+
 class ShardOut:
     """One output shard being written (a held-open :func:`bigdit.data.shards.write_shard` block): encodes pixel
-    batches into it (with ``repa``, also their REPA features). ``close()`` finishes it and writes its record (count, bytes, latent shape, channel stats and
-    ``skipped``, the input samples dropped from it, which the caller may fill in); ``close(*exc_info)`` drops it.
-    Also a ``with`` block."""
+    batches into it, as VAE moments, or with ``pixels`` as uint8 images (pixel shards; flips are the loader's), and
+    with ``repa`` also their REPA features. ``close()`` finishes it and writes its record (count, bytes, latent
+    shape, channel stats and ``skipped``, the input samples dropped from it, which the caller may fill in);
+    ``close(*exc_info)`` drops it. Also a ``with`` block."""
 
     def __init__(self, cfg: DictConfig, root: Path, name: str, vae, repa: PatchFeatures | None = None):
-        self.vae, self.flip, self.repa = vae, bool(cfg.flip), repa
+        self.vae, self.pixels, self.repa = vae, pixel_shards(cfg), repa
+        self.flip = bool(cfg.flip) and not self.pixels
         self.record: dict[str, Any] = {"skipped": []}
         self.stats, self.shape = ChannelStats(), None
         self._block = write_shard(root, cfg.format, name, self.record)
@@ -88,9 +96,15 @@ class ShardOut:
 
     def add(self, pixels: torch.Tensor, samples: list[dict[str, Any]]) -> None:
         """Encode ``pixels`` (N, C, H, W) in [-1, 1] and write them with the other fields of ``samples``."""
+        r = None if self.repa is None else self.repa(pixels).cpu().half().numpy()
+        if self.pixels:
+            self.shape = list(pixels.shape[1:])
+            self.stats.add(pixels.numpy())
+            for j, (sample, image) in enumerate(zip(samples, quantize_pixels(pixels).numpy())):
+                self._writer.write(dict(sample, pixels=image, repa_feats=None if r is None else r[j]))
+            return
         m = self._moments(pixels)
         f = self._moments(pixels.flip(3)) if self.flip else None
-        r = None if self.repa is None else self.repa(pixels).cpu().half().numpy()
         c = m.shape[1] // 2
         self.shape = [c, m.shape[2], m.shape[3]]
         self.stats.add(m[:, :c])
@@ -310,9 +324,12 @@ def run(cfg: DictConfig) -> Manifest | None:
     if cfg.input is None or cfg.out is None:
         raise ValueError("give input=<image folder | WebDataset tars: path, folder, glob, {000000..000099} pattern, "
                          "pipe: command or http(s) URL | sklearn:digits> and out=<shard dir>")
-    if cfg.shard_size <= 0 or cfg.batch_size <= 0:
-        raise ValueError("shard_size and batch_size must be positive")
+    if cfg.shard_size <= 0 or cfg.batch_size <= 0 or int(cfg.resolution) <= 0:
+        raise ValueError("shard_size, batch_size and resolution must be positive")
     spec = str(cfg.input)
+    if spec == DIGITS and str(cfg.vae).lower() != "none":
+        raise ValueError(f"input={DIGITS}: the digits are 8x8 single-channel images, which no image VAE encodes: "
+                         f"use vae=none")
     urls = input_tars(spec)
     if urls is None:
         items, classes = list_inputs(spec)
@@ -337,9 +354,15 @@ def run(cfg: DictConfig) -> Manifest | None:
     if str(cfg.vae).lower() != "none":
         vae = load_vae(cfg, device)
         scale, shift = vae_scaling(vae)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each encoder block but the last halves the side
+        if int(cfg.resolution) % factor:
+            raise ValueError(f"resolution={cfg.resolution}: vae={cfg.vae} downsamples by {factor}, so the side must be "
+                             f"a multiple of {factor} (e.g. resolution={int(cfg.resolution) // factor * factor or factor})")
+    pixels = pixel_shards(cfg)
     repa = load_repa(cfg, 8 if spec == DIGITS else int(cfg.resolution), device)
     base = Manifest(format=cfg.format, latent_shape=[], vae=str(cfg.vae), scaling_factor=scale, shift_factor=shift,
                     resolution=8 if spec == DIGITS else int(cfg.resolution), flip=bool(cfg.flip), classes=classes,
+                    pixels=pixels, latent_dtype="uint8" if pixels else "float16",
                     repa=None if repa is None else repa.record(str(cfg.repa_encoder), cfg.repa_model))
 
     t0 = time.perf_counter()

@@ -64,7 +64,8 @@ def _diffusers_notes(model, betas_len: int, settings_guidance: str | None) -> st
 
 def export_safetensors(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig, model, ckpt: Path, out: Path,
                        manifest, settings: dict) -> str:
-    """``ema.safetensors`` (+ ``model.safetensors``), ``model_config.json``, ``ema.pt`` for DiT; returns the usage."""
+    """``ema.safetensors`` (+ ``model.safetensors``), ``model_config.json``, ``ema.pt`` in the official format for DiT
+    and ADM; returns the usage."""
     weights = {which: consolidated_weights(ckpt, run_cfg.model, which) for which in
                (("model", "ema") if cfg.raw else ("ema",))}
     write_safetensors(out, run_cfg.model, model, weights)

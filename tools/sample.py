@@ -90,6 +90,11 @@ def check_keys(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_samples", "per_class", "steps"):
         if cfg[key] is not None and int(cfg[key]) <= 0:
             raise ValueError(f"{key}={cfg[key]} must be positive")
+    if cfg.classifier is not None and not Path(cfg.classifier).exists():
+        raise FileNotFoundError(f"classifier={cfg.classifier}: no such run directory or checkpoint file")
+    if cfg.classifier is not None and Path(cfg.classifier).is_file() and cfg.classifier_model is None:
+        raise ValueError("classifier=<checkpoint file> needs its model config, e.g. "
+                         "'classifier_model={name: ADM-classifier-64}'")
     if cfg.num_samples is not None and cfg.per_class is not None:
         raise ValueError("per_class is the grid's (one row per class); num_samples= samples an evaluation set "
                          "(labels=balanced|uniform): give one of them")
@@ -124,6 +129,28 @@ def load_model(cfg: DictConfig, step: int | None):
     return load_weights(build_model(**cfg.model), cfg.ckpt, cfg.weights).eval(), None
 
 
+def load_classifier(cfg: DictConfig, model) -> torch.nn.Module | None:
+    """The noisy classifier of ``classifier=`` (a ``task=classifier`` run directory, or a checkpoint file with
+    ``classifier_model=``), checked to read the model's images; None without one."""
+    if cfg.classifier is None:
+        return None
+    if Path(cfg.classifier).is_dir():
+        classifier, run_cfg = load_run(cfg.classifier, None, cfg.classifier_weights)
+        if OmegaConf.select(run_cfg, "task.name") != "classifier":
+            raise ValueError(f"classifier={cfg.classifier} is a {OmegaConf.select(run_cfg, 'task.name') or 'diffusion'} "
+                             f"run; give a noisy classifier's (bigdit-train task=classifier)")
+    else:
+        classifier = load_weights(build_model(**cfg.classifier_model), cfg.classifier, cfg.classifier_weights).eval()
+    want = (model.in_channels, model.input_size)
+    if (classifier.in_channels, classifier.input_size) != want:
+        raise ValueError(f"classifier={cfg.classifier} reads {classifier.in_channels}x{classifier.input_size}px images "
+                         f"but the model makes {want[0]}x{want[1]}px ones")
+    if model.num_classes and classifier.num_classes != model.num_classes:
+        raise ValueError(f"classifier={cfg.classifier} has {classifier.num_classes} classes, the model "
+                         f"{model.num_classes}")
+    return classifier
+
+
 def default_out(cfg: DictConfig, ckpt: Path) -> Path:
     """``<run>/samples`` (grid) or ``<run>/samples/<step tag>-n<N>`` (evaluation set); ``./samples[...]`` with ckpt=."""
     base = Path(cfg.run) / "samples" if cfg.run is not None else Path("samples")
@@ -142,6 +169,8 @@ def settings(cfg: DictConfig, run_cfg: DictConfig | None, diffusion) -> dict:
     preset = OmegaConf.to_container(preset, resolve=True) if preset is not None else {}
     chosen = {k: cfg[k] if cfg[k] is not None else preset.get(k, default)
               for k, default in default_settings(diffusion).items()}
+    chosen["classifier_scale"] = (cfg.classifier_scale if cfg.classifier_scale is not None
+                                  else preset.get("classifier_scale", 1.0))
     return OmegaConf.to_container(OmegaConf.create(chosen), resolve=True)  # plain lists, not ListConfig
 
 
@@ -251,6 +280,9 @@ def sample_settings(cfg: DictConfig, s: dict, ckpt: Path, step: int | None, clip
         "eta": float(cfg.eta) if s["sampler"] == "ddim" else None,
         "clip_denoised": bool(clip_denoised), "seed": int(cfg.seed), "batch_size": int(cfg.batch_size),
         "precision": cfg.precision, "vae": cfg.vae, "vae_scale": cfg.vae_scale,
+        "classifier": str(Path(cfg.classifier).resolve()) if cfg.classifier is not None else None,
+        "classifier_weights": cfg.classifier_weights if cfg.classifier is not None else None,
+        "classifier_scale": float(s["classifier_scale"]) if cfg.classifier is not None else None,
     }))
 
 
@@ -330,6 +362,9 @@ def run(cfg: DictConfig) -> dict | None:
     diffusion = build_diffusion(run_cfg.diffusion if run_cfg is not None else cfg.diffusion)
     s = settings(cfg, run_cfg, diffusion)
     check_settings(s, diffusion)
+    if cfg.classifier is not None and s["sampler"] not in ("ddpm", "ddim"):
+        raise ValueError(f"classifier guidance works with sampler=ddpm or ddim (ADM's samplers), not {s['sampler']}")
+    classifier = load_classifier(cfg, model)
     root, manifest = data_manifest(run_cfg)
 
     null, prompts = None, None
@@ -338,10 +373,12 @@ def run(cfg: DictConfig) -> dict | None:
         prompts = names
         values = torch.arange(len(names))  # arr_1: the prompt index
     else:
-        names = list(range(model.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
-        bad = [c for c in names if not 0 <= c < model.num_classes]
+        # an unconditional model draws its classes from the classifier that guides it (one row without either)
+        num_classes = model.num_classes or (classifier.num_classes if classifier is not None else 0)
+        names = list(range(max(num_classes, 1))) if cfg.classes is None else [int(c) for c in cfg.classes]
+        bad = [c for c in names if not 0 <= c < max(num_classes, 1)]
         if bad:
-            raise ValueError(f"classes {bad} are outside 0..{model.num_classes - 1}")
+            raise ValueError(f"classes {bad} are outside 0..{max(num_classes, 1) - 1}")
         conds = values = torch.tensor(names, dtype=torch.long)
     k = len(names)
     if grid:
@@ -372,12 +409,14 @@ def run(cfg: DictConfig) -> dict | None:
                      cfg_scale=cfg_scale, guidance=s["guidance"], guidance_interval=s["guidance_interval"],
                      eta=cfg.eta, clip_denoised=clip_denoised, **flow_settings,
                      seed=int(cfg.seed), indices=torch.tensor(list(span)), batch_size=len(span),
-                     precision=cfg.precision, device=device)
+                     precision=cfg.precision, device=device, classifier=classifier,
+                     classifier_scale=float(s["classifier_scale"]))
         return to_uint8_images(decode(x)), values[which].numpy().astype(np.int64)
 
     solve = (f"atol {s['atol']}, rtol {s['rtol']}" if s["sampler"] == "dopri5" else f"{s['steps']} steps")
     interval = f" on [{s['guidance_interval'][0]}, {s['guidance_interval'][1]}]" if s["guidance_interval"] else ""
-    what = (f"{s['sampler']}, {solve}, cfg {cfg_scale} in DiT's convention{interval}, {cfg.precision}, batch "
+    judge = f", classifier scale {s['classifier_scale']}" if classifier is not None else ""
+    what = (f"{s['sampler']}, {solve}, cfg {cfg_scale} in DiT's convention{interval}{judge}, {cfg.precision}, batch "
             f"{cfg.batch_size}")
     t0 = time.perf_counter()
     if grid:

@@ -31,8 +31,8 @@ from bigdit.data.shard_dataset import ShardDataset
 from bigdit.fsio import temp_name, write_atomic
 
 #: MDS column encodings of the sample fields.
-MDS_COLUMNS = {"key": "str", "moments": "ndarray", "moments_flip": "ndarray", "cls": "int", "txt": "str",
-               "clip_tokens": "ndarray", "clip_pooled": "ndarray", "repa_feats": "ndarray", "json": "json"}
+MDS_COLUMNS = {"key": "str", "moments": "ndarray", "moments_flip": "ndarray", "pixels": "ndarray", "cls": "int",
+               "txt": "str", "clip_tokens": "ndarray", "clip_pooled": "ndarray", "repa_feats": "ndarray", "json": "json"}
 
 # streaming is imported inside the functions that use it: importing it takes seconds, and the tools that
 # only dispatch between formats (bigdit.data.shards) import this module whatever the format.
@@ -203,7 +203,7 @@ def _key_before(shard, k: int) -> str | None:
 
 
 class _Collate:
-    """Worker-side batching: stacks the array fields (float16, as stored) and labels; skipped bad samples
+    """Worker-side batching: stacks the array fields (as stored) and labels; skipped bad samples
     are replaced by the good samples of the same micro-batch in turn, so every micro-batch is full and
     streaming's sample count (its resume position) stays exact."""
 
@@ -345,7 +345,7 @@ class MdsLoader(ShardDataset):
         """Model-space latents of a micro-batch from one generator seeded by ``(seed, epoch, its sample
         indices)``: the same micro-batch (as a resumed run reads it too) gets the same noise and flips."""
         g = torch.Generator().manual_seed(stream_seed(self.seed, self._epoch, *batch["index"].tolist()))
-        return self.codec.sample(batch["moments"], batch.get("moments_flip"), generator=g)
+        return self.codec.decode(batch, generator=g)
 
     def micro_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's ``plan.accum_steps`` micro-batches of ``step``: ``x`` (model-space latents), ``y``,

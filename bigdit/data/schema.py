@@ -14,6 +14,7 @@ field               type                   meaning
 ``key``             str, no dots           unique id (WebDataset splits member names at the first dot)
 ``moments``         float16 (2C, H, W)     VAE posterior: mean and logvar stacked on the channel axis
 ``moments_flip``    float16 (2C, H, W)     optional: moments of the horizontally flipped image
+``pixels``          uint8 (C, H, W)        instead of moments in pixel shards: the centre-cropped image
 ``cls``             int                    class label (-1 when the data has no classes)
 ``txt``             str                    optional caption
 ``clip_tokens``     float16 (T, D)         optional: CLIP per-token text states (after the final LN)
@@ -25,6 +26,8 @@ field               type                   meaning
 
 ``moments`` follow diffusers' ``DiagonalGaussianDistribution.parameters`` (mean, logvar), so an encoder
 stores exactly what the VAE returns and :mod:`bigdit.codec` samples ``z = mean + exp(logvar / 2) * eps``.
+Pixel shards (manifest ``pixels: true``, encoded with ``vae=none``) hold ``pixels`` instead of ``moments``, and
+the loaders flip them at random (no flipped copy is stored).
 
 The manifest (``manifest.json`` at the shard root) records what produced the shards; loaders refuse a
 directory without one or with a stale schema (:meth:`Manifest.load`), and training checks the model
@@ -41,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bigdit.codec import LatentCodec
+from bigdit.codec import LatentCodec, PixelCodec
 from bigdit.fsio import write_json_atomic
 
 #: Bumped whenever a field changes meaning; loaders refuse manifests with another version.
@@ -50,8 +53,9 @@ MANIFEST_NAME = "manifest.json"
 #: Empty-prompt CLIP embedding for classifier-free guidance, written by tools/cache_text.py.
 EMPTY_PROMPT_NAME = "empty_prompt.npz"
 
-#: The float16 array fields of a sample.
-ARRAY_FIELDS = ("moments", "moments_flip", "clip_tokens", "clip_pooled", "repa_feats")
+#: The array fields of a sample, and the dtype of each (float16 unless listed in FIELD_DTYPES).
+ARRAY_FIELDS = ("moments", "moments_flip", "pixels", "clip_tokens", "clip_pooled", "repa_feats")
+FIELD_DTYPES = {"pixels": np.uint8}
 
 
 class SchemaError(ValueError):
@@ -87,19 +91,20 @@ class Manifest:
     """``manifest.json``: what produced a shard directory, and its shards."""
 
     format: str                         # wds | mds
-    latent_shape: list[int]             # (C, H, W) of a sampled latent (moments have 2C channels)
+    latent_shape: list[int]             # (C, H, W) of a sampled latent (moments have 2C channels) or of the pixels
     vae: str = "none"                   # hub id / local dir, or "none" for pixels in [-1, 1]
     scaling_factor: float = 1.0         # z_model = (z - shift_factor) * scaling_factor
     shift_factor: float = 0.0
     resolution: int = 0                 # image side after the ADM center crop
     latent_dtype: str = "float16"
-    flip: bool = False                  # moments_flip stored
+    flip: bool = False                  # moments_flip stored; pixel shards: flipped at random by the loaders
     classes: list[str] = field(default_factory=list)
     text: dict[str, Any] | None = None  # {model, pretrained, layer, model_config, tokens, dim, pooled_dim} (cache_text)
     repa: dict[str, Any] | None = None  # {encoder, model, input_size, layer, tokens, dim} (encode_latents repa_*)
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{name, count}] in order
     count: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # per-channel latent mean/std (unscaled means)
+    pixels: bool = False                # uint8 pixels (C, H, W) instead of VAE moments (vae=none on images)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -108,8 +113,11 @@ class Manifest:
 
     def fields(self) -> list[str]:
         """The fields every sample of this dataset carries."""
-        out = ["key", "moments", "cls", "json"]
-        if self.flip:
+        if self.pixels:
+            out = ["key", "pixels", "cls", "json"]
+        else:
+            out = ["key", "moments", "cls", "json"]
+        if self.flip and not self.pixels:
             out.append("moments_flip")
         if self.text is not None:
             out += ["clip_tokens", "clip_pooled"]
@@ -120,8 +128,8 @@ class Manifest:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected array shapes of the array fields."""
         c, h, w = self.latent_shape
-        out = {"moments": (2 * c, h, w)}
-        if self.flip:
+        out = {"pixels": (c, h, w)} if self.pixels else {"moments": (2 * c, h, w)}
+        if self.flip and not self.pixels:
             out["moments_flip"] = (2 * c, h, w)
         if self.text is not None:
             out["clip_tokens"] = (int(self.text["tokens"]), int(self.text["dim"]))
@@ -130,8 +138,11 @@ class Manifest:
             out["repa_feats"] = (int(self.repa["tokens"]), int(self.repa["dim"]))
         return out
 
-    def codec(self, use_flip: bool = True) -> LatentCodec:
-        """The latent codec of the VAE these shards were encoded with (flips only when they are stored)."""
+    def codec(self, use_flip: bool = True) -> LatentCodec | PixelCodec:
+        """The codec of these shards: the latent codec of the VAE they were encoded with (flips only when they are
+        stored), or for pixel shards the uint8 -> [-1, 1] pixel codec (flips when the manifest allows them)."""
+        if self.pixels:
+            return PixelCodec(use_flip and self.flip)
         return LatentCodec(self.scaling_factor, self.shift_factor, use_flip and self.flip)
 
     def save(self, root: str | Path) -> Path:
@@ -158,7 +169,8 @@ def sample_problems(sample: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
                     num_classes: int = 0, finite: bool = True) -> list[str]:
     """Problems of one decoded sample (empty when it is fine): the one sample check.
 
-    A field of ``required`` or ``shapes`` is missing, an array of ``shapes`` is not float16 of its shape,
+    A field of ``required`` or ``shapes`` is missing, an array of ``shapes`` is not of its shape and dtype
+    (:data:`FIELD_DTYPES`, else float16),
     with ``finite`` an array holds NaN/inf, with ``num_classes`` the ``cls`` label is out of range. The
     loaders pass ``finite=False``: scanning every value costs more than decoding the sample, and the
     full check is what ``tools/shards.py verify`` is for (:func:`validate_sample`).
@@ -171,8 +183,8 @@ def sample_problems(sample: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
             continue
         if tuple(a.shape) != shape:
             problems.append(f"{name} has shape {tuple(a.shape)}, expected {shape}")
-        elif a.dtype != np.float16:
-            problems.append(f"{name} has dtype {a.dtype}, expected float16")
+        elif a.dtype != (dtype := np.dtype(FIELD_DTYPES.get(name, np.float16))):
+            problems.append(f"{name} has dtype {a.dtype}, expected {dtype}")
         elif finite and not np.isfinite(a).all():
             problems.append(f"{name} has NaN/inf values")
     cls = sample.get("cls")

@@ -39,8 +39,9 @@ from bigdit.fsio import atomic_path
 
 SUFFIX = ".tar"
 #: field -> tar member extension (the part of a member name after the key's dot).
-WDS_EXT = {"moments": "moments.npy", "moments_flip": "moments_flip.npy", "clip_tokens": "clip_tokens.npy",
-           "clip_pooled": "clip_pooled.npy", "repa_feats": "repa_feats.npy", "cls": "cls", "txt": "txt", "json": "json"}
+WDS_EXT = {"moments": "moments.npy", "moments_flip": "moments_flip.npy", "pixels": "pixels.npy",
+           "clip_tokens": "clip_tokens.npy", "clip_pooled": "clip_pooled.npy", "repa_feats": "repa_feats.npy", "cls": "cls",
+           "txt": "txt", "json": "json"}
 EXT_FIELD = {v: k for k, v in WDS_EXT.items()}
 
 
@@ -315,12 +316,12 @@ class ShardStreams:
         return samples
 
     def _collate(self, samples: list[dict[str, Any]], bad: int, pos: int) -> dict[str, Any]:
-        """The micro-batch at rank position ``pos``, latents sampled here (in the worker) from a generator
-        seeded by ``(seed, rank, pos)``: the training process only receives ``x``."""
+        """The micro-batch at rank position ``pos``, latents sampled (pixels flipped) here, in the worker, from a
+        generator seeded by ``(seed, rank, pos)``: the training process only receives ``x``."""
         arrays = {name: torch.from_numpy(np.stack([s[name] for s in samples])) for name in self.shapes}
         g = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, pos, 7))
         out: dict[str, Any] = {"key": [s["key"] for s in samples], "bad": bad, "pos": pos,
-                               "x": self.codec.sample(arrays["moments"], arrays.get("moments_flip"), generator=g),
+                               "x": self.codec.decode(arrays, generator=g),
                                "y": torch.tensor([s.get("cls", -1) for s in samples], dtype=torch.int64)}
         if "clip_tokens" in arrays:  # kept float16 as stored: half the copy; the model casts
             out["clip_tokens"], out["clip_pooled"] = arrays["clip_tokens"], arrays["clip_pooled"]

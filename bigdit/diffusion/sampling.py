@@ -3,7 +3,9 @@
 Every sampler takes a ``model_fn(x, t_model) -> model_out`` closure, where ``t_model`` is a LongTensor
 of shape ``[N]`` holding *training* timesteps (for a respaced schedule the samplers translate through
 ``Schedule.timestep_map``). Classifier-free guidance is just another closure, see
-:func:`guided_model_fn`.
+:func:`guided_model_fn`. Classifier guidance (ADM-G) is a ``cond_fn(x, t_model)`` returning the scaled gradient of
+``log p(y | x_t)`` (:func:`classifier_cond_fn`), which DDPM applies to the mean (:func:`condition_mean`) and DDIM to
+the noise prediction (:func:`condition_score`), as ADM's samplers do; the two guidances combine.
 
 All randomness (initial noise and per-step noise) is drawn from the given ``torch.Generator`` on that
 generator's device (CPU unless the caller passes another) and then moved to the sampling device, so a
@@ -25,11 +27,14 @@ from bigdit.diffusion.gaussian import (
     _extract,
     p_mean_variance,
     predict_eps_from_x0,
+    predict_x0_from_eps,
     respace,
     space_timesteps,
 )
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: classifier guidance: ``cond_fn(x_t, t_model)`` -> ``scale * grad_x log p(y | x_t)`` (shape of ``x_t``)
+CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 GUIDANCE_MODES = ("dit", "all")
@@ -136,6 +141,41 @@ def dit_cfg_scale(scale: float, convention: str = "dit") -> float:
     return float(scale) + (1.0 if convention == "uvit" else 0.0)
 
 
+def classifier_cond_fn(classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y: torch.Tensor,
+                       scale: float) -> CondFn:
+    """ADM's ``cond_fn`` for a noisy classifier ``classifier(x_t, t) -> logits``: ``scale * grad_x log p(y | x_t)``
+    with ``log p`` the log-softmax of the logits at the labels ``y`` (guided-diffusion ``classifier_sample.py``).
+
+    The gradient is taken with grad enabled inside the samplers' ``no_grad``; the logits are read in float32.
+    """
+
+    def cond_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(classifier(x_in, t).float(), dim=-1)
+            selected = log_probs[torch.arange(len(y), device=log_probs.device), y.to(log_probs.device)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+def condition_mean(cond_fn: CondFn, out: dict[str, torch.Tensor], x: torch.Tensor,
+                   t_model: torch.Tensor) -> torch.Tensor:
+    """The classifier-guided DDPM mean (ADM's ``condition_mean``, Sohl-Dickstein et al.): the reverse-process mean
+    shifted by its variance times ``cond_fn``'s gradient, ``mean + variance * scale * grad log p(y | x_t)``."""
+    return out["mean"] + out["variance"] * cond_fn(x, t_model).float()
+
+
+def condition_score(cond_fn: CondFn, s: Schedule, out: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                    t_model: torch.Tensor) -> torch.Tensor:
+    """The classifier-guided predicted x0 for DDIM (ADM's ``condition_score``, Song et al.'s score conditioning):
+    ``eps' = eps - sqrt(1 - abar_t) * scale * grad log p(y | x_t)``, then ``x0`` from ``eps'``. ``t`` indexes ``s``,
+    ``t_model`` is what the networks are fed."""
+    eps = predict_eps_from_x0(s, x, t, out["pred_x0"])
+    eps = eps - torch.sqrt(1 - _extract(s.alphas_cumprod, t, x)) * cond_fn(x, t_model).float()
+    return predict_x0_from_eps(s, x, t, eps)
+
+
 #: one generator for the whole batch, or one per sample (row)
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -187,18 +227,22 @@ def ddpm_sample(
     clip_denoised: bool = False,
     device: torch.device | str | None = None,
     progress: bool = False,
+    cond_fn: CondFn | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling ``x_{T-1} -> ... -> x_0`` over ``s`` (possibly respaced), as ADM's ``p_sample_loop``.
 
     At step ``i`` the network sees ``s.timestep_map[i]``; ``x = mean + sigma * z`` except at ``i == 0``
     where the mean is returned. ``noise`` is ``x_T`` (drawn from ``generator`` if omitted); ``device``
-    defaults to ``noise``'s device, else CPU.
+    defaults to ``noise``'s device, else CPU. ``cond_fn`` (classifier guidance) shifts every step's mean
+    (:func:`condition_mean`).
     """
     x = initial_noise(shape, noise, generator, device)
     tmap = torch.tensor(s.timestep_map, device=x.device)
     for i in progress_steps(range(s.num_timesteps - 1, -1, -1), progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
+        if cond_fn is not None:
+            out["mean"] = condition_mean(cond_fn, out, x, tmap[t])
         if i > 0:
             x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn(x.shape, generator, x.device)
         else:
@@ -218,6 +262,7 @@ def ddim_sample(
     clip_denoised: bool = False,
     device: torch.device | str | None = None,
     progress: bool = False,
+    cond_fn: CondFn | None = None,
 ) -> torch.Tensor:
     """DDIM sampling over ``s`` (normally respaced), as ADM's ``ddim_sample_loop``.
 
@@ -225,14 +270,15 @@ def ddim_sample(
     ``sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)``; ``eta = 0`` is
     deterministic given ``x_T``, ``eta = 1`` matches DDPM's posterior variance. ``eps`` is recomputed
     from the (possibly clipped) ``x0_pred`` so the update stays consistent with it. A learned variance,
-    if any, is ignored.
+    if any, is ignored. ``cond_fn`` (classifier guidance) corrects ``eps`` and ``x0_pred`` first
+    (:func:`condition_score`).
     """
     x = initial_noise(shape, noise, generator, device)
     tmap = torch.tensor(s.timestep_map, device=x.device)
     for i in progress_steps(range(s.num_timesteps - 1, -1, -1), progress):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         out = p_mean_variance(s, model_fn(x, tmap[t]), x, t, learn_sigma, clip_denoised=clip_denoised)
-        x0 = out["pred_x0"]
+        x0 = out["pred_x0"] if cond_fn is None else condition_score(cond_fn, s, out, x, t, tmap[t])
         eps = predict_eps_from_x0(s, x, t, x0)
         abar = _extract(s.alphas_cumprod, t, x)
         abar_prev = _extract(s.alphas_cumprod_prev, t, x)
@@ -301,18 +347,21 @@ def sample(
     clip_denoised: bool = False,
     device: torch.device | str | None = None,
     progress: bool = False,
+    cond_fn: CondFn | None = None,
 ) -> torch.Tensor:
     """Draw samples with one of ``"ddpm"``, ``"ddim"`` or ``"dpm++"`` in ``steps`` network calls.
 
     ``train_schedule`` is the schedule the network was trained on (or its betas). DDPM respaces it with
     ADM's even spacing ``str(steps)`` and DDIM with ``"ddim{steps}"`` (a fixed stride, as DiT/ADM do; it
     raises ValueError when no integer stride gives exactly ``steps`` steps). ``eta`` is DDIM's;
-    ``clip_denoised`` applies to DDPM/DDIM only.
+    ``clip_denoised`` and ``cond_fn`` (classifier guidance, :func:`classifier_cond_fn`) apply to DDPM/DDIM only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     s = train_schedule if isinstance(train_schedule, Schedule) else Schedule.from_betas(train_schedule)
     if sampler == "dpm++":
+        if cond_fn is not None:
+            raise ValueError("classifier guidance works with sampler=ddpm or ddim (ADM's samplers), not dpm++")
         if not np.array_equal(s.timestep_map, np.arange(s.num_timesteps)):
             raise ValueError("dpm++ needs the unspaced training schedule (identity timestep_map)")
         return dpm_solver_sample(
@@ -322,10 +371,10 @@ def sample(
         spaced = respace(s, space_timesteps(s.num_timesteps, str(steps)))
         return ddpm_sample(
             model_fn, spaced, shape, learn_sigma, generator=generator, noise=noise,
-            clip_denoised=clip_denoised, device=device, progress=progress,
+            clip_denoised=clip_denoised, device=device, progress=progress, cond_fn=cond_fn,
         )
     spaced = respace(s, space_timesteps(s.num_timesteps, f"ddim{steps}"))
     return ddim_sample(
         model_fn, spaced, shape, learn_sigma, eta=eta, generator=generator, noise=noise,
-        clip_denoised=clip_denoised, device=device, progress=progress,
+        clip_denoised=clip_denoised, device=device, progress=progress, cond_fn=cond_fn,
     )

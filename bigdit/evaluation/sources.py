@@ -11,8 +11,8 @@ Inputs (:func:`open_source`):
 * WebDataset tars (a ``.tar``, a folder of them, a glob, brace pattern, ``pipe:`` or URL; see
   :func:`bigdit.data.images.input_tars`), centre-cropped to ``resolution``; samples without a decodable
   image are skipped and counted;
-* a bigdit shard directory of pixel shards (encoded with ``vae=none``): the stored ``moments`` means are the
-  pixels in [-1, 1], already centre-cropped (its manifest gives the resolution);
+* a bigdit shard directory of pixel shards (encoded with ``vae=none``): the stored uint8 ``pixels`` (or, in
+  float16 pixel moments, the means in [-1, 1]), already centre-cropped (its manifest gives the resolution);
 * an ``.npz`` with ``arr_0`` uint8 NHWC (e.g. to add statistics to an existing batch).
 """
 
@@ -84,6 +84,9 @@ class ShardPart:
         from bigdit.data.shards import shard_io
 
         for sample in shard_io(self.fmt).read_shard(self.root, self.name, self.count):
+            if "pixels" in sample:
+                yield sample["key"], np.ascontiguousarray(sample["pixels"].transpose(1, 2, 0))
+                continue
             m = sample["moments"]
             yield sample["key"], to_uint8(m[: m.shape[0] // 2])
 
