@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_slurm import FINAL_STATES, job_info, logs, release_if_requeued, run_script, weights
+from test_slurm import FINAL_STATES, job_info, logs, run_script, weights
 
 NODES = ("bigdit-n1", "bigdit-n2")
 STEPS = 8
@@ -60,19 +60,6 @@ def submit_two_nodes(run_dir: Path, tasks_per_node: int, *overrides: str) -> str
     match = re.search(r"submitted SLURM job (\d+)", out)
     assert match, out
     return match.group(1)
-
-
-def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
-    """Poll until ``job`` ends, releasing a requeued allocation at once (SLURM would hold it 2 minutes)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(job)
-        if info.get("JobState", "") in FINAL_STATES:
-            return info
-        release_if_requeued(job, info)
-        time.sleep(0.5)
-    subprocess.run(["scancel", job])
-    pytest.fail(f"SLURM job {job} did not end within {timeout}s: {job_info(job)}")
 
 
 def wait_logged_step(run_dir: Path, step: int, job: str | None = None, timeout: float = 180) -> None:

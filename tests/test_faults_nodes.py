@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from multinode import (NODES, ENCODE, STEPS, assert_same_keys, assert_same_run, heartbeats, holding_nodes, records,
-                       submit, submit_two_nodes, summary, wait_job, wait_logged_step)
-from test_slurm import FINAL_STATES, job_info, logs, run_script
+                       submit, submit_two_nodes, summary, wait_logged_step)
+from test_slurm import FINAL_STATES, job_info, logs, run_script, wait_job
 
 from conftest import REPO
 
@@ -90,7 +90,7 @@ def test_kill9_random_rank_fails_fast_and_resubmit_resumes_bit_identical(wds, re
     lost = max(r["step"] for r in records(tmp_path))
 
     again = submit_two_nodes(tmp_path, 1, *overrides(wds))  # the same command
-    info = wait_job(again)
+    info = wait_job(again, timeout=300)
     log = logs(tmp_path, again)
     assert info["JobState"] == "COMPLETED", (info, log[-4000:])
     resumed = int(re.search(r"resumed at step (\d+)", log).group(1))
@@ -172,11 +172,11 @@ def test_lost_node_requeues_and_resumes_exactly_once_back(wds, reference, tmp_pa
     state = subprocess.run(["sinfo", "-h", "-n", NODES[1], "-o", "%T"], capture_output=True, text=True).stdout
     assert state.strip() in ("idle", "mixed", "allocated"), state  # back, and responding (no '*')
     if int(info.get("Restarts", 0)) >= 1:
-        final = wait_job(job)
+        final = wait_job(job, timeout=300)
         resumed_job = job
     else:  # SLURM ended it: the user resubmits
         resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))
-        final = wait_job(resumed_job)
+        final = wait_job(resumed_job, timeout=300)
     log = logs(tmp_path, resumed_job)
     assert final["JobState"] == "COMPLETED", (final, log[-4000:])
     resumed = int(re.search(r"resumed at step (\d+)", log).group(1))

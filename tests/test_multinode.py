@@ -26,8 +26,8 @@ import pytest
 from bigdit.data.shards import shard_io
 
 from multinode import (NODES, ENCODE, assert_same_keys, assert_same_run, holding_nodes, submit, submit_two_nodes,
-                       summary, wait_job, wait_logged_step)
-from test_slurm import assert_same_shards, logs, run_script
+                       summary, wait_logged_step)
+from test_slurm import assert_same_shards, cache_text_reference, logs, run_script, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_2x1_zero3_mds_preempted_resumes_and_equals_one_node(two_nodes, shards, 
     job = submit_two_nodes(run, 1, *zero3_mds(shards))
     wait_logged_step(run, 3, job)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what a preempting scheduler sends
-    info = wait_job(job)
+    info = wait_job(job, timeout=300)
     log = logs(run, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, (info, log[-4000:])
     step = int(re.search(r"signal received, checkpoint at step (\d+)", log).group(1))
@@ -107,7 +107,7 @@ def test_2x2_fsdp2_hybrid_wds_equals_one_node(two_nodes, shards, tmp_path, recor
     reference = one_node(tmp_path / "one-node", 4, *hsdp_wds(shards))
     run = tmp_path / "two-nodes"
     job = submit_two_nodes(run, 2, *hsdp_wds(shards))
-    info = wait_job(job)
+    info = wait_job(job, timeout=300)
     log = logs(run, job)
     assert info["JobState"] == "COMPLETED", (info, log[-4000:])
     assert_placement(log, job, 2)
@@ -130,12 +130,7 @@ def test_offline_tools_as_two_node_jobs_equal_one_process(two_nodes, shards, cap
         assert f"encode_latents slice {rank}/2 on {NODES[rank]}" in log, log[-2000:]
         assert f"rank {rank}/2: 320 images in 8 shards, 4 shard(s)" in log, log[-2000:]
 
-    config, weights = tiny_clip
-    run_script("tools/encode_latents.py", f"input={caption_tars}", "vae=none", "resolution=8", "flip=false",
-               "shard_size=2", "num_workers=0", "progress=false", f"out={tmp_path / 'lat'}", timeout=120)
-    common = [f"shards={tmp_path / 'lat'}", "clip_model=tiny-clip-test", f"pretrained={weights}",
-              f"model_config={config}", "progress=false"]
-    run_script("tools/cache_text.py", *common, f"out={tmp_path / 'one'}", timeout=120)
+    common = cache_text_reference(caption_tars, tiny_clip, tmp_path)
     text = run_script("tools/cache_text.py", *common, f"out={tmp_path / 'job'}", *job_launcher, timeout=400).stdout
     text_job = re.search(r"submitted SLURM job (\d+)", text).group(1)
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())

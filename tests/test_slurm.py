@@ -402,14 +402,21 @@ def test_encode_latents_as_two_task_array_matches_one_process(slurm, digit_laten
         assert f"rank {index}/2: 300 images in 8 shards, 4 shard(s)" in log, log
 
 
-@pytest.mark.slow
-def test_cache_text_as_two_task_job_matches_one_process(slurm, caption_tars, tiny_clip, tmp_path):
+def cache_text_reference(caption_tars: Path, tiny_clip, tmp_path: Path) -> list[str]:
+    """Encode the caption tars and cache their text in one process (``<tmp_path>/one``); the cache_text arguments
+    a job must be given to write the same shards."""
     config, weights = tiny_clip
     run_script("tools/encode_latents.py", f"input={caption_tars}", "vae=none", "resolution=8", "flip=false",
                "shard_size=2", "num_workers=0", "progress=false", f"out={tmp_path / 'lat'}", timeout=120)
     common = [f"shards={tmp_path / 'lat'}", "clip_model=tiny-clip-test", f"pretrained={weights}",
               f"model_config={config}", "progress=false"]
     run_script("tools/cache_text.py", *common, f"out={tmp_path / 'one'}", timeout=120)
+    return common
+
+
+@pytest.mark.slow
+def test_cache_text_as_two_task_job_matches_one_process(slurm, caption_tars, tiny_clip, tmp_path):
+    common = cache_text_reference(caption_tars, tiny_clip, tmp_path)
     text = run_script("tools/cache_text.py", *common, f"out={tmp_path / 'job'}", "launcher=slurm",
                       "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.time_min=5",
                       "launcher.wait=true", timeout=180).stdout
