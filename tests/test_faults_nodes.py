@@ -177,6 +177,10 @@ def test_lost_node_requeues_and_resumes_exactly_once_back(wds, reference, tmp_pa
     else:  # SLURM ended it: the user resubmits
         resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))
         final = wait_job(resumed_job, timeout=300)
+    if final["JobState"] != "COMPLETED":  # the requeued allocation failed too (SLURM's call): the user resubmits
+        seen += f", requeued run {final['JobState']}"
+        resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))
+        final = wait_job(resumed_job, timeout=300)
     log = logs(tmp_path, resumed_job)
     assert final["JobState"] == "COMPLETED", (final, log[-4000:])
     resumed = int(re.search(r"resumed at step (\d+)", log).group(1))
