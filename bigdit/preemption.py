@@ -148,6 +148,20 @@ class Heartbeat:
         return records
 
 
+def _exited(record: dict) -> bool:
+    """Whether the process of a heartbeat record is known to have exited: checkable only on its own host (a pid
+    means nothing on another node); a zombie (killed, not yet reaped by its launcher) counts as exited."""
+    if record["host"] != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{record['pid']}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc (not Linux) or unreadable: unknown, so not known to have exited
+        return False
+
+
 def describe_lagging(records: dict[int, dict], world_size: int, every_s: float, now: float) -> list[str]:
     """One line per rank that did not report a failure: those hang (or are frozen, or never started)."""
     lines = []
@@ -161,8 +175,14 @@ def describe_lagging(records: dict[int, dict], world_size: int, every_s: float, 
         done = ("has not finished a step in this allocation" if r["step"] is None else
                 f"last finished step {r['step']}, {now - r['step_time']:.0f} s ago")
         silent = now - r["time"]
-        state = (f"its heartbeat stopped {silent:.0f} s ago: the process is frozen or gone" if silent > 3 * every_s
-                 else f"now in {r['where']}: it probably hangs")
+        if _exited(r):
+            state = f"its process no longer runs (last in {r['where']}): it died"
+        elif silent > 3 * every_s:
+            state = f"its heartbeat stopped {silent:.0f} s ago: the process is frozen or gone"
+        elif r["host"] == socket.gethostname():
+            state = f"now in {r['where']}: it hangs"
+        else:  # another node: alive as of its last beat, which a rank killed since then also left
+            state = f"in {r['where']} {silent:.0f} s ago: it hangs there, or died since"
         lines.append(f"rank {rank} on {r['host']} (pid {r['pid']}) {done}, {state}; see {r['log']}")
     if len(lines) > MAX_NAMED:
         lines = lines[:MAX_NAMED] + [f"... and {len(lines) - MAX_NAMED} more ranks"]

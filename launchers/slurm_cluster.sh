@@ -177,9 +177,15 @@ fi
 if [[ $(id -u) != 0 ]] && { [[ $nodes == 2 ]] || ! answers; }; then
   echo "slurm: this needs root: run 'sudo $0 $*'" >&2; exit 1
 fi
-# One change at a time (two pytest workers may both bring the nodes up); --check above never waits.
-exec 9>/run/bigdit-slurm-cluster.lock
-flock 9
+# One change at a time (two pytest workers may both bring the nodes up); --check above never waits. The lock is
+# held by a flock process around this script (re-run under it), not by an fd of the script: every daemon started
+# below would inherit such an fd and hold the lock for its whole life, and the next change would wait forever.
+lock=/run/bigdit-slurm-cluster.lock
+if [[ -z ${BIGDIT_SLURM_LOCKED:-} ]]; then
+  BIGDIT_SLURM_LOCKED=1 flock --close --wait 300 --conflict-exit-code 75 "$lock" "$0" "$@" && exit 0 || rc=$?
+  [[ $rc == 75 ]] && echo "slurm: another '$0' has held $lock for 5 minutes; see 'fuser -v $lock'" >&2
+  exit "$rc"
+fi
 if [[ $action == down ]]; then nodes_down; exit; fi
 
 if answers; then

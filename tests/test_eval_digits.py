@@ -29,3 +29,14 @@ def test_digits_fd_floor_real_half_and_a_collapsed_set():
     collapsed = as_uint8(means[labels[first]])
     assert eval_digits.digits_accuracy(collapsed, labels[first]) > 0.95
     assert eval_digits.digits_fd(collapsed)[0] > 10 * floor
+
+
+def test_digits_arrays_are_scikit_learns_load_digits():
+    # read from the file scikit-learn bundles, without importing scikit-learn (see load_digits_arrays)
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.float32 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)

@@ -242,6 +242,23 @@ def test_dry_run_prints_sbatch_for_8_nodes_of_8_gpus(tmp_path):
 
 
 @pytest.mark.slow
+def test_cluster_daemons_do_not_hold_the_scripts_lock(slurm):
+    # The daemons slurm_cluster.sh starts live on; had they inherited its lock, every later change (nodes=2) would
+    # wait on it forever (what CI saw: the two-node fixture timed out after 600 s with nothing printed).
+    lock = "/run/bigdit-slurm-cluster.lock"
+    holders = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == lock:
+                holders.append(f"{fd.parts[2]} {Path('/proc', fd.parts[2], 'comm').read_text().strip()}")
+        except OSError:  # processes and fds come and go while we look
+            pass
+    assert not holders, f"processes hold {lock} open: {holders}"
+    proc = subprocess.run([str(REPO / "launchers" / "slurm_cluster.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
 def test_two_task_zero2_job_matches_local_launcher(slurm, reference, tmp_path):
     job = submit_slurm(tmp_path)
     info = wait_job(job)
@@ -333,7 +350,7 @@ def test_hung_rank_fails_the_job_naming_rank_host_and_where(slurm, tmp_path):
     # Rank 0's collective timed out; from the heartbeats it names the rank that never reached it.
     assert "rank 0/2 on" in log and "Timed out" in log, log[-4000:]
     named = (rf"rank 1 on {socket.gethostname()} \(pid \d+\) last finished step 2, \d+ s ago, now in "
-             rf"{re.escape(str(TESTS / 'test_slurm.py'))}:\d+ get: it probably hangs; "
+             rf"{re.escape(str(TESTS / 'test_slurm.py'))}:\d+ get: it hangs; "
              rf"see {tmp_path}/submitit/{job}_1_log.out")
     assert re.search(named, log), log[-4000:]
 
@@ -492,30 +509,39 @@ def test_stop_signal_checkpoints_and_never_requeues(monkeypatch):
 
 
 def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
-    """In one process: rank 0's collective failed; of its 4 peers, rank 1 failed alike, rank 2's heartbeat is
-    fresh (it hangs where it says), rank 3's stopped (frozen), rank 4 never wrote one in this allocation."""
+    """In one process: rank 0's collective failed; of its 6 peers, rank 1 failed alike, rank 2's heartbeat is
+    fresh and its process runs (it hangs where it says), rank 3's stopped while its process runs (frozen), rank 4 never wrote one in this
+    allocation, rank 5's is fresh but its process has exited (killed), rank 6's is fresh on another node."""
     from bigdit import preemption
 
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    host = socket.gethostname()
     try:
         preemption.install((), job="9.1", log="logs/9_0_log.out")
-        preemption._state["heartbeat"] = me = preemption.Heartbeat(tmp_path, 0, 5, "9.1", "logs/9_0_log.out",
+        preemption._state["heartbeat"] = me = preemption.Heartbeat(tmp_path, 0, 7, "9.1", "logs/9_0_log.out",
                                                                    every_s=3600)
         now = time.time()
-        for rank, failed, beat in ((1, "timeout", now), (2, None, now), (3, None, now - 4 * 3600)):
-            record = dict(me.record, rank=rank, pid=100 + rank, log=f"logs/9_{rank}_log.out", step=2,
+        for rank, failed, beat, pid, node in ((1, "timeout", now, 101, host), (2, None, now, os.getpid(), host),
+                                              (3, None, now - 4 * 3600, os.getppid(), host), (5, None, now, exited.pid, host),
+                                              (6, None, now - 4, 106, "node-b")):
+            record = dict(me.record, rank=rank, pid=pid, host=node, log=f"logs/9_{rank}_log.out", step=2,
                           step_time=now - 30, failed=failed, time=beat, where="loader.py:7 get")
             (me.dir / f"rank-{rank:05d}.json").write_text(json.dumps(record))
         (me.dir / "rank-00004.json").write_text(json.dumps(dict(me.record, rank=4, job="9.0")))  # a previous allocation
         lines = preemption.hang_report("RuntimeError: Timed out", grace_s=0)
     finally:
         preemption._state.update(installed=False, heartbeat=None)
-    host = socket.gethostname()
     assert lines == [
-        f"rank 2 on {host} (pid 102) last finished step 2, 30 s ago, now in loader.py:7 get: it probably hangs; "
+        f"rank 2 on {host} (pid {os.getpid()}) last finished step 2, 30 s ago, now in loader.py:7 get: it hangs; "
         "see logs/9_2_log.out",
-        f"rank 3 on {host} (pid 103) last finished step 2, 30 s ago, its heartbeat stopped 14400 s ago: the process "
+        f"rank 3 on {host} (pid {os.getppid()}) last finished step 2, 30 s ago, its heartbeat stopped 14400 s ago: the process "
         "is frozen or gone; see logs/9_3_log.out",
         "rank 4 never wrote a heartbeat in this allocation: it hangs before the training loop",
+        f"rank 5 on {host} (pid {exited.pid}) last finished step 2, 30 s ago, its process no longer runs (last in "
+        "loader.py:7 get): it died; see logs/9_5_log.out",
+        "rank 6 on node-b (pid 106) last finished step 2, 30 s ago, in loader.py:7 get 4 s ago: it hangs there, or "
+        "died since; see logs/9_6_log.out",
     ]
     assert json.loads(me.path.read_text())["failed"] == "RuntimeError: Timed out"  # rank 0 marked itself
 

@@ -276,3 +276,16 @@ def test_each_sample_draws_from_its_own_stream():
     assert not torch.equal(draw_samples(1, 7, slice(3, 5), (2, 3), 0.5, torch.device("cpu")).noise, part.noise)
     t = timesteps_from_uniform(torch.tensor([0.0, 0.4999, 0.5, 1 - 2**-24]), 1000)
     assert t.tolist() == [0, 499, 500, 999]
+
+
+def test_every_rank_starts_without_the_libraries_it_may_not_use():
+    """Each rank of every run imports bigdit.train: FSDP2's checkpoint/tensor modules, DeepSpeed and scikit-learn
+    (the digits are read from its data file) load only where used -- together ~5 s per process otherwise. The lazy
+    strategy registry still gives every strategy its own class."""
+    from bigdit.engine import STRATEGIES, strategy_class
+
+    assert {name: strategy_class(name).name for name in STRATEGIES} == {name: name for name in STRATEGIES}
+    code = ("import sys, bigdit.train; print(sorted(m for m in ('deepspeed', 'sklearn', 'torch.distributed.checkpoint', "
+            "'torch.distributed.tensor', 'torch.distributed.fsdp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -13,11 +13,18 @@ DIGITS_MAX = 16.0
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 8, 8) in 0..16 and labels (N,) as shipped with scikit-learn."""
-    from sklearn.datasets import load_digits
+    """Images (N, 8, 8) in 0..16 and labels (N,) as shipped with scikit-learn (what ``load_digits`` returns).
 
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
+    The file scikit-learn bundles (64 pixels then the label per row) is read directly: importing scikit-learn for it
+    costs ~2 s in every process of every demo-sized run, more than the whole training of most tests."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the digits come with scikit-learn: pip install scikit-learn")
+    data = np.loadtxt(Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz"), delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8).astype(np.float32), data[:, -1].astype(np.int64)
 
 
 class Digits:

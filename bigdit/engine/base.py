@@ -240,5 +240,8 @@ class Strategy(ABC):
             dist.barrier()
 
     def teardown(self) -> None:
+        """Leave the job: every rank at once (rank 0 still plots and closes its loggers when the others get here,
+        and destroying a group while a peer is not yet destroying it can hang: pytorch/pytorch#75097)."""
         if dist.is_initialized():
+            self.barrier()
             dist.destroy_process_group()
