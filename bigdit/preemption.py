@@ -123,6 +123,8 @@ class Heartbeat:
     def write(self) -> None:
         """Rewrite the file now (atomically: readers never see half of it)."""
         frame = sys._current_frames().get(self._thread)
+        while frame is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back  # written by the training thread itself (start, failure): where it called from
         where = f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}" if frame else None
         with self._lock:
             write_json_atomic(self.path, dict(self.record, time=time.time(), where=where))

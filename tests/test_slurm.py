@@ -546,6 +546,16 @@ def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
     assert json.loads(me.path.read_text())["failed"] == "RuntimeError: Timed out"  # rank 0 marked itself
 
 
+def test_heartbeat_written_by_the_training_thread_names_its_caller(tmp_path):
+    # The first beat (and a failure mark) is written by the training thread itself: it must say where training
+    # was (here, this test), not the heartbeat's own write.
+    from bigdit import preemption
+
+    beat = preemption.Heartbeat(tmp_path, 0, 2, "9.1", "logs/9_0_log.out", every_s=3600)
+    assert re.fullmatch(rf"{re.escape(__file__)}:\d+ test_heartbeat_written_by_the_training_thread_names_its_caller",
+                        json.loads(beat.path.read_text())["where"])
+
+
 def stand_in_commands(tmp_path: Path, *names: str, real: bool = False) -> tuple[dict[str, str], Path]:
     """An environment whose PATH starts with stand-ins for the SLURM commands ``names``: each records its call in
     the returned log, then runs the real command (``real``) or fails."""
