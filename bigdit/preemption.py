@@ -150,13 +150,11 @@ class Heartbeat:
         return records
 
 
-def _exited(record: dict) -> bool:
-    """Whether the process of a heartbeat record is known to have exited: checkable only on its own host (a pid
-    means nothing on another node); a zombie (killed, not yet reaped by its launcher) counts as exited."""
-    if record["host"] != socket.gethostname():
-        return False
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` of this host is known to have exited; a zombie (killed, not yet reaped by its
+    launcher) counts as exited."""
     try:
-        with open(f"/proc/{record['pid']}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
@@ -177,11 +175,12 @@ def describe_lagging(records: dict[int, dict], world_size: int, every_s: float, 
         done = ("has not finished a step in this allocation" if r["step"] is None else
                 f"last finished step {r['step']}, {now - r['step_time']:.0f} s ago")
         silent = now - r["time"]
-        if _exited(r):
+        local = r["host"] == socket.gethostname()  # a pid can be checked on its own host only
+        if local and _exited(r["pid"]):
             state = f"its process no longer runs (last in {r['where']}): it died"
         elif silent > 3 * every_s:
             state = f"its heartbeat stopped {silent:.0f} s ago: the process is frozen or gone"
-        elif r["host"] == socket.gethostname():
+        elif local:
             state = f"now in {r['where']}: it hangs"
         else:  # another node: alive as of its last beat, which a rank killed since then also left
             state = f"in {r['where']} {silent:.0f} s ago: it hangs there, or died since"

@@ -172,15 +172,12 @@ def test_lost_node_requeues_and_resumes_exactly_once_back(wds, reference, tmp_pa
     assert up.returncode == 0, up.stdout + up.stderr
     state = subprocess.run(["sinfo", "-h", "-n", NODES[1], "-o", "%T"], capture_output=True, text=True).stdout
     assert state.strip() in ("idle", "mixed", "allocated"), state  # back, and responding (no '*')
-    if int(info.get("Restarts", 0)) >= 1:
-        final = wait_job(job, timeout=300)
-        resumed_job = job
-    else:  # SLURM ended it: the user resubmits
-        resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))
-        final = wait_job(resumed_job, timeout=300)
-    if final["JobState"] != "COMPLETED":  # the requeued allocation failed too (SLURM's call): the user resubmits
-        seen += f", requeued run {final['JobState']}"
-        resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))
+    resumed_job = job
+    final = wait_job(job, timeout=300) if int(info.get("Restarts", 0)) >= 1 else None
+    if final is None or final["JobState"] != "COMPLETED":  # SLURM ended it, or failed the requeued allocation too
+        if final is not None:
+            seen += f", requeued run {final['JobState']}"
+        resumed_job = submit_two_nodes(tmp_path, 1, *overrides(wds))  # SLURM's call: the user resubmits
         final = wait_job(resumed_job, timeout=300)
     log = logs(tmp_path, resumed_job)
     assert final["JobState"] == "COMPLETED", (final, log[-4000:])

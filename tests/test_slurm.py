@@ -510,8 +510,9 @@ def test_stop_signal_checkpoints_and_never_requeues(monkeypatch):
 
 def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
     """In one process: rank 0's collective failed; of its 6 peers, rank 1 failed alike, rank 2's heartbeat is
-    fresh and its process runs (it hangs where it says), rank 3's stopped while its process runs (frozen), rank 4 never wrote one in this
-    allocation, rank 5's is fresh but its process has exited (killed), rank 6's is fresh on another node."""
+    fresh and its process runs (it hangs where it says), rank 3's stopped while its process runs (frozen), rank 4
+    never wrote one in this allocation, rank 5's is fresh but its process has exited (killed), rank 6's is fresh on
+    another node."""
     from bigdit import preemption
 
     exited = subprocess.Popen(["true"])
@@ -523,8 +524,8 @@ def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
                                                                    every_s=3600)
         now = time.time()
         for rank, failed, beat, pid, node in ((1, "timeout", now, 101, host), (2, None, now, os.getpid(), host),
-                                              (3, None, now - 4 * 3600, os.getppid(), host), (5, None, now, exited.pid, host),
-                                              (6, None, now - 4, 106, "node-b")):
+                                              (3, None, now - 4 * 3600, os.getppid(), host),
+                                              (5, None, now, exited.pid, host), (6, None, now - 4, 106, "node-b")):
             record = dict(me.record, rank=rank, pid=pid, host=node, log=f"logs/9_{rank}_log.out", step=2,
                           step_time=now - 30, failed=failed, time=beat, where="loader.py:7 get")
             (me.dir / f"rank-{rank:05d}.json").write_text(json.dumps(record))
@@ -535,8 +536,8 @@ def test_hang_report_names_the_ranks_that_did_not_fail(tmp_path):
     assert lines == [
         f"rank 2 on {host} (pid {os.getpid()}) last finished step 2, 30 s ago, now in loader.py:7 get: it hangs; "
         "see logs/9_2_log.out",
-        f"rank 3 on {host} (pid {os.getppid()}) last finished step 2, 30 s ago, its heartbeat stopped 14400 s ago: the process "
-        "is frozen or gone; see logs/9_3_log.out",
+        f"rank 3 on {host} (pid {os.getppid()}) last finished step 2, 30 s ago, its heartbeat stopped 14400 s ago: "
+        "the process is frozen or gone; see logs/9_3_log.out",
         "rank 4 never wrote a heartbeat in this allocation: it hangs before the training loop",
         f"rank 5 on {host} (pid {exited.pid}) last finished step 2, 30 s ago, its process no longer runs (last in "
         "loader.py:7 get): it died; see logs/9_5_log.out",
